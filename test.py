@@ -5,9 +5,11 @@ something a broken training loop would get wrong.
 """
 
 import copy
+import errno
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -108,8 +110,9 @@ def test_checkpoints_load_with_weights_only(default_run):
     last = torch.load(root / "checkpoints/last.pt", weights_only=True)
     assert {"model", "epoch", "mean", "std", "features", "classes", "config"} <= set(best)
     assert best["features"] == ["SepalLengthCm", "SepalWidthCm", "PetalLengthCm", "PetalWidthCm"]
-    assert {"model", "epoch", "optimizer", "scheduler", "scaler", "best_loss", "history"} <= set(last)
-    assert last["epoch"] == 50 and len(last["history"]) == 50
+    assert {"model", "epoch", "optimizer", "scheduler", "scaler", "rng", "progress"} <= set(last)
+    assert {"best_loss", "best_epoch", "stale", "history"} <= set(last["progress"])
+    assert last["epoch"] == 50 and len(last["progress"]["history"]) == 50
 
 
 def readme_predict_snippet() -> str:
@@ -286,6 +289,241 @@ def test_readme_table_documents_every_field():
     table = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", (REPO / "README.md").read_text(), re.M)
     assert {name: default for name, default in table} == {
         name: repr(f.default) for name, f in train.TrainingConfig.__dataclass_fields__.items()}
+
+
+# ----------------------------------------------------------------------------- faults
+
+def final_state(root: Path) -> tuple[dict, list]:
+    """A run's final weights and its history without the wall-clock seconds."""
+    last = torch.load(root / "checkpoints/last.pt", weights_only=True)
+    history = [{k: v for k, v in h.items() if k != "seconds"} for h in last["progress"]["history"]]
+    on_disk = json.loads((root / "training-loop/history.json").read_text())
+    assert history == [{k: v for k, v in h.items() if k != "seconds"} for h in on_disk]
+    return last["model"], history
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    weights_a, history_a = final_state(a)
+    weights_b, history_b = final_state(b)
+    assert history_a == history_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)  # bit-identical, not merely close
+
+
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = ["--epochs", "30", "--batch-size", "2", "--log-every", "1"]  # ~50 steps an epoch: time to kill mid-run
+    train.main(dirs(tmp_path / "whole") + args)
+    killed = tmp_path / "killed"
+    command = [sys.executable, str(REPO / "train.py"), *dirs(killed), *args]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    for line in run.stderr:
+        if "epoch   4/30" in line:
+            run.kill()
+            break
+    run.wait(timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    assert 4 <= torch.load(killed / "checkpoints/last.pt", weights_only=True)["epoch"] < 30  # whole and loadable
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path / "whole", killed)
+
+
+def signal_during_epoch(monkeypatch, epoch: int, signum: int) -> None:
+    """Deliver a real signal to this process in the middle of the given epoch."""
+    real = train.train_one_epoch
+    calls = []
+
+    def train_one_epoch(model, batches, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            batches = send_at_step(batches, 2, signum)
+        return real(model, batches, *args, **kwargs)
+
+    def send_at_step(batches, step, signum):
+        for i, batch in enumerate(batches):
+            if i == step:
+                os.kill(os.getpid(), signum)
+            yield batch
+
+    monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_cleanly_drops_the_cut_epoch_and_resumes_exactly(tmp_path, monkeypatch, caplog, signum, status):
+    args = ["--epochs", "8"]
+    train.main(dirs(tmp_path / "whole") + args)
+    stopped = tmp_path / "stopped"
+    handler_before = signal.getsignal(signum)
+    with monkeypatch.context() as patch:
+        signal_during_epoch(patch, epoch=5, signum=signum)
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(dirs(stopped) + args)
+    assert exit_info.value.code == status
+    assert "Resume with: python train.py" in caplog.text and "--resume" in caplog.text
+    assert torch.load(stopped / "checkpoints/last.pt", weights_only=True)["epoch"] == 4
+    assert len(json.loads((stopped / "training-loop/history.json").read_text())) == 4
+    assert (stopped / "training-loop/loss_curve.png").exists()
+    assert signal.getsignal(signum) is handler_before  # main() gives the signal back as it found it
+    train.main(dirs(stopped) + args + ["--resume"])
+    assert_same_run(tmp_path / "whole", stopped)
+
+
+def test_sigterm_from_outside_exits_143_with_a_resumable_last_checkpoint(tmp_path):
+    command = [sys.executable, str(REPO / "train.py"), *dirs(tmp_path), "--epochs", "30", "--batch-size", "2",
+               "--log-every", "1"]
+    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in run.stderr:
+        lines.append(line)
+        if "epoch   2/30" in line:
+            run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 143
+    log = "".join(lines)
+    assert "Traceback" not in log and "stopped by SIGTERM" in log and "--resume" in log
+    epoch = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["epoch"]
+    assert 2 <= epoch < 30
+    resumed = subprocess.run(command + ["--resume", "--epochs", str(epoch + 1)], capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0 and f"resumed from {tmp_path / 'checkpoints/last.pt'} after epoch {epoch}" \
+        in resumed.stderr
+
+
+def test_raising_epochs_extends_a_finished_run(tmp_path):
+    train.main(dirs(tmp_path) + ["--epochs", "3"])
+    before = json.loads((tmp_path / "training-loop/history.json").read_text())
+    train.main(dirs(tmp_path) + ["--epochs", "5", "--resume"])
+    after = json.loads((tmp_path / "training-loop/history.json").read_text())
+    assert [h["epoch"] for h in after] == [1, 2, 3, 4, 5] and after[:3] == before
+
+
+def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
+    summary = train.main(dirs(tmp_path) + ["--epochs", "2", "--resume"])
+    assert "starting fresh" in caplog.text and len(summary["history"]) == 2
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A finished 3-epoch run, and the bytes of every file it wrote."""
+    train.main(dirs(tmp_path) + ["--epochs", "3"])
+    files = {p: p.read_bytes() for p in tmp_path.glob("*/*") if p.is_file() and "datasets" not in p.parts}
+    return tmp_path, files
+
+
+def write_csv(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "batch size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "epochs 0": (["--epochs", "0"], "--epochs must be at least 1"),
+    "learning rate 0": (["--learning-rate", "0"], "--learning-rate must be above 0"),
+    "fraction above 1": (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+    "fractions sum to 1": (["--val-fraction", "0.5", "--test-fraction", "0.5"], "must be below 1"),
+    "unknown device": (["--device", "tpu"], "--device 'tpu' is unknown"),
+    "absent CUDA": (["--device", "cuda"], "no CUDA device"),
+    "absent MPS": (["--device", "mps"], "MPS is not available"),
+    "unknown amp dtype": (["--amp-dtype", "fp8"], "--amp-dtype 'fp8' is unknown"),
+    "unknown scheduler": (["--scheduler", "step"], "--scheduler 'step' is unknown"),
+    "float16 on CPU": (["--device", "cpu", "--use-amp", "--amp-dtype", "float16"], "float16 needs a CUDA device"),
+    "missing file": (["--dataset", "{tmp}/missing.csv"], "no such file"),
+    "empty file": (["--dataset", "{empty}"], "the file is empty"),
+    "header only": (["--dataset", "{header}", "--label-column", "y"], "has no rows"),
+    "missing label column": (["--dataset", "{good}", "--label-column", "species"], "columns are: a, b, y"),
+    "non-numeric value": (["--dataset", "{text}", "--label-column", "y"], "non-numeric value 'abc' in data row 2"),
+    "missing value": (["--dataset", "{hole}", "--label-column", "y"], "column 'b' has a missing"),
+    "single class": (["--dataset", "{one_class}", "--label-column", "y"], "single class"),
+    "too few rows": (["--dataset", "{good}", "--label-column", "y"], "too few"),
+    "uncached hub id offline": (["--dataset", "someone/not-cached"], "cannot be reached"),
+    "resume with another seed": (["--resume", "--seed", "7"], "seed (42 there, 7 now)"),
+    "output dir is a file": (["--output-dir", "{empty}/out"], "cannot create the folder"),
+    "loss blows up": (["--learning-rate", "1e38", "--grad-clip", "0"], "epoch 1: the training loss is nan"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_clear_line_and_leaves_every_file_alone(finished_run, monkeypatch, case):
+    if case == "absent CUDA" and torch.cuda.is_available() or case == "absent MPS" and torch.backends.mps.is_available():
+        pytest.skip("this machine has that device")
+    root, files = finished_run
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a hub that refuses at once, on this machine
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    paths = {"tmp": root, "empty": write_csv(root / "empty.csv", ""),
+             "header": write_csv(root / "header.csv", "a,b,y\n"),
+             "good": write_csv(root / "good.csv", "a,b,y\n1,2,x\n3,4,z\n5,6,x\n7,8,z\n"),
+             "text": write_csv(root / "text.csv", "a,b,y\n1,2,x\n3,abc,z\n" + "5,6,x\n" * 9),
+             "hole": write_csv(root / "hole.csv", "a,b,y\n1,2,x\n3,,z\n" + "5,6,z\n" * 9),
+             "one_class": write_csv(root / "one.csv", "a,b,y\n" + "1,2,x\n" * 9)}
+    args, message = BAD_INPUTS[case]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(dirs(root) + [a.format(**paths) for a in args])
+    error = exit_info.value.code
+    assert isinstance(error, str) and error.startswith("error: ") and "\n" not in error  # exit status 1, one line
+    assert message in error
+    for path, content in files.items():
+        assert path.read_bytes() == content, f"{path} changed"
+
+
+def test_bad_input_on_the_command_line_prints_one_line_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *dirs(tmp_path), "--batch-size", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr == "error: --batch-size must be at least 1\n"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "old version", "other model"])
+def test_damaged_checkpoint_is_refused_clearly(finished_run, damage):
+    root, files = finished_run
+    last = root / "checkpoints/last.pt"
+    content = files[last]
+    if damage == "truncated":
+        last.write_bytes(content[: len(content) // 2])
+    elif damage == "garbage":
+        last.write_bytes(os.urandom(len(content)))
+    else:
+        checkpoint = torch.load(last, weights_only=True)
+        if damage == "old version":
+            checkpoint["version"] = 0
+        else:
+            checkpoint["model"]["net.0.weight"] = torch.zeros(32, 7)
+        torch.save(checkpoint, last)
+    expected = {"truncated": "not a readable checkpoint", "garbage": "not a readable checkpoint",
+                "old version": "not written by this train.py", "other model": "shaped for another model"}[damage]
+    with pytest.raises(SystemExit, match=expected):
+        train.main(dirs(root) + ["--resume", "--epochs", "5"])
+    assert (root / "checkpoints/best_model.pt").read_bytes() == files[root / "checkpoints/best_model.pt"]
+
+
+def test_non_finite_loss_mid_run_keeps_the_previous_best(tmp_path, monkeypatch):
+    real = train.train_one_epoch
+    calls = []
+
+    def blows_up_in_epoch_4(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(train, "train_one_epoch", blows_up_in_epoch_4)
+    with pytest.raises(SystemExit, match="epoch 4: the training loss is nan") as exit_info:
+        train.main(dirs(tmp_path) + ["--epochs", "6"])
+    assert "learning rate" in exit_info.value.code
+    best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
+    history = json.loads((tmp_path / "training-loop/history.json").read_text())
+    assert len(history) == 3 and best["epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"]
+    assert torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_disk_full_names_the_path_and_keeps_the_old_file(finished_run, monkeypatch):
+    root, files = finished_run
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(SystemExit, match=r"could not write .*best_model.pt: No space left on device"):
+        train.main(dirs(root) + ["--epochs", "3"])
+    assert (root / "checkpoints/best_model.pt").read_bytes() == files[root / "checkpoints/best_model.pt"]
+    assert not list((root / "checkpoints").glob(".*tmp"))  # no half-written file left behind
 
 
 if __name__ == "__main__":

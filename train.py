@@ -18,11 +18,15 @@ import math
 import os
 import random
 import re
+import shlex
+import signal
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -97,16 +101,55 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
+def validate_config(cfg: TrainingConfig) -> None:
+    """Refuse impossible values before anything is read or written."""
+    rules = [
+        (cfg.epochs >= 1, "--epochs must be at least 1"),
+        (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+        (cfg.learning_rate > 0, "--learning-rate must be above 0"),
+        (cfg.weight_decay >= 0, "--weight-decay must be 0 or more"),
+        (0 < cfg.val_fraction < 1, "--val-fraction must be between 0 and 1"),
+        (0 < cfg.test_fraction < 1, "--test-fraction must be between 0 and 1"),
+        (cfg.val_fraction + cfg.test_fraction < 1, "--val-fraction plus --test-fraction must be below 1"),
+        (0 <= cfg.warmup_fraction < 1, "--warmup-fraction must be in [0, 1)"),
+        (cfg.grad_clip >= 0, "--grad-clip must be 0 (off) or more"),
+        (cfg.early_stopping_patience >= 0, "--early-stopping-patience must be 0 (off) or more"),
+        (cfg.log_every >= 1, "--log-every must be at least 1"),
+        (cfg.scheduler in ("cosine", "none"), f"--scheduler {cfg.scheduler!r} is unknown; use cosine or none"),
+        (cfg.amp_dtype in ("auto", "bfloat16", "float16"),
+         f"--amp-dtype {cfg.amp_dtype!r} is unknown; use auto, bfloat16 or float16"),
+    ]
+    problems = [message for ok, message in rules if not ok]
+    if problems:
+        fail("; ".join(problems))
+
+
 # ----------------------------------------------------------------------------- device
 
 def get_best_device(requested: str = "auto") -> torch.device:
     if requested != "auto":
-        return torch.device(requested)
+        return check_device(requested)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_device(requested: str) -> torch.device:
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {requested!r} is unknown; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {requested}: this machine has no CUDA device; use --device auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {requested}: MPS is not available here; use --device auto or cpu")
+    return device
 
 
 def resolve_amp_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
@@ -150,26 +193,62 @@ def load_table(cfg: TrainingConfig):
     (from the bundled copy for Iris, from the hub otherwise) and loaded from there after.
     """
     source = cfg.dataset
-    suffix = Path(source).suffix.lower()
+    path, suffix = Path(source), Path(source).suffix.lower()
     saved = Path(cfg.datasets_dir) / source.replace("/", "___")
-    if suffix in LOADERS or saved.exists() or source in BUNDLED:
+    if suffix in LOADERS and not path.is_file():
+        fail(f"--dataset {source}: no such file")
+    if path.is_file() and suffix not in LOADERS:
+        fail(f"--dataset {source}: unsupported file type; use {', '.join(LOADERS)}")
+    if path.is_file() and path.stat().st_size == 0:
+        fail(f"--dataset {source}: the file is empty")
+    download = not (path.is_file() or saved.exists() or source in BUNDLED)
+    if not download:
         # huggingface_hub reads this once, at import: setting it any later has no effect.
         os.environ["HF_HUB_OFFLINE"] = "1"
+    elif not hub_reachable():
+        fail(f"--dataset {source} is not saved under {cfg.datasets_dir}/ and the Hugging Face hub cannot be "
+             "reached. Run once with a network so it is saved for offline use, or pass a local file: "
+             "--dataset path/to/data.csv")
     import datasets
 
     datasets.disable_progress_bars()
     hf_cache = str(Path(cfg.datasets_dir) / "hf_cache")
-    if suffix in LOADERS:
-        return datasets.load_dataset(LOADERS[suffix], data_files=source, split="train", cache_dir=hf_cache)
-    if saved.exists():
-        return datasets.load_from_disk(str(saved))
-    if source in BUNDLED:
-        table = datasets.load_dataset("csv", data_files=str(BUNDLED[source]), split="train", cache_dir=hf_cache)
-    else:
-        log.info("downloading %s from the Hugging Face hub (once; later runs load %s offline)", source, saved)
-        table = datasets.load_dataset(source, split="train", cache_dir=hf_cache)
-    table.save_to_disk(str(saved))
+    try:
+        if path.is_file():
+            table = datasets.load_dataset(LOADERS[suffix], data_files=source, split="train", cache_dir=hf_cache)
+        elif saved.exists():
+            table = datasets.load_from_disk(str(saved))
+        elif source in BUNDLED:
+            table = datasets.load_dataset("csv", data_files=str(BUNDLED[source]), split="train", cache_dir=hf_cache)
+            table.save_to_disk(str(saved))
+        else:
+            log.info("downloading %s from the Hugging Face hub (once; later runs load %s offline)", source, saved)
+            table = datasets.load_dataset(source, split="train", cache_dir=hf_cache)
+            table.save_to_disk(str(saved))
+    except Exception as e:  # datasets and pyarrow raise many types; the user needs the message
+        if "corresponds to no data" in str(e):  # what datasets says of a file with a header and no rows
+            fail(f"--dataset {source} has no rows")
+        fail(f"--dataset {source}: could not load it ({first_line(e)})")
+    if len(table) == 0:
+        fail(f"--dataset {source} has no rows")
     return table
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One quick connection to the hub; huggingface_hub itself retries for ~25 s before giving up."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy decides what is reachable: let huggingface_hub ask it
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def is_id_like(name: str) -> bool:
@@ -178,14 +257,56 @@ def is_id_like(name: str) -> bool:
 
 
 def table_to_arrays(table, label_column: str) -> tuple[np.ndarray, list, list[str]]:
-    """Features (every numeric column but the label and id-like ones), labels, feature names."""
-    numeric = ("int", "uint", "float", "double")
-    features = [name for name, kind in table.features.items()
-                if name != label_column and not is_id_like(name)
-                and getattr(kind, "dtype", "").startswith(numeric)]
-    columns = table.with_format("numpy")
-    x = np.stack([np.asarray(columns[name], dtype=np.float32) for name in features], axis=1)
-    return x, list(table[label_column]), features
+    """Features, labels and feature names. Features are every numeric column but the label and
+    id-like ones; a text column whose values are all numbers counts as numeric."""
+    columns = list(table.column_names)
+    if label_column not in columns:
+        fail(f"--label-column {label_column!r} is not in the data; columns are: {', '.join(columns)}")
+    labels = list(table[label_column])
+    if None in labels:
+        fail(f"column {label_column!r} has no value in data row {labels.index(None) + 1}")
+    features, values = [], []
+    numpy_table = table.with_format("numpy")
+    for name in columns:
+        if name == label_column or is_id_like(name):
+            continue
+        column = numeric_column(name, numpy_table[name], table.features[name])
+        if column is not None:
+            features.append(name)
+            values.append(column)
+    if not features:
+        fail(f"no numeric feature columns besides {label_column!r}; columns are: {', '.join(columns)}")
+    return np.stack(values, axis=1), labels, features
+
+
+def numeric_column(name: str, column, kind) -> np.ndarray | None:
+    """The column as float32, None for a text column to leave out, or a clear error for bad values."""
+    if getattr(kind, "dtype", "").startswith(("int", "uint", "float", "double", "bool")):
+        values = np.asarray(column, dtype=np.float32)
+    else:
+        raw = list(column)
+        parsed = [parse_number(v) for v in raw]
+        if all(v is None or np.isnan(v) for v in parsed):
+            log.info("leaving out column %r: it holds text, not numbers", name)
+            return None
+        bad = next((i for i, v in enumerate(parsed) if v is None), None)
+        if bad is not None:
+            fail(f"column {name!r} holds a non-numeric value '{raw[bad]}' in data row {bad + 1}")
+        values = np.asarray(parsed, dtype=np.float32)
+    missing = np.flatnonzero(~np.isfinite(values))
+    if len(missing):
+        fail(f"column {name!r} has a missing or non-finite value in data row {missing[0] + 1}")
+    return values
+
+
+def parse_number(value) -> float | None:
+    """float(value); NaN for an empty cell; None for anything that is not a number."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def split_indices(y: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> dict:
@@ -196,6 +317,9 @@ def split_indices(y: np.ndarray, val_fraction: float, test_fraction: float, seed
         rows = rng.permutation(np.flatnonzero(y == c))
         n_test = max(1, round(len(rows) * test_fraction))
         n_val = max(1, round(len(rows) * val_fraction))
+        if len(rows) - n_test - n_val < 1:
+            fail(f"class #{c} has {len(rows)} rows: too few to put at least one in each of train, "
+                 "val and test; add rows or lower --val-fraction / --test-fraction")
         parts["test"].append(rows[:n_test])
         parts["val"].append(rows[n_test:n_test + n_val])
         parts["train"].append(rows[n_test + n_val:])
@@ -212,9 +336,12 @@ def prepare_data(cfg: TrainingConfig) -> dict:
     """
     x, labels, features = table_to_arrays(load_table(cfg), cfg.label_column)
     classes = sorted(set(labels))
+    if len(classes) < 2:
+        fail(f"column {cfg.label_column!r} holds a single class ({classes[0]!r}); a classifier needs two or more")
     class_id = {c: i for i, c in enumerate(classes)}
     y = np.array([class_id[v] for v in labels], dtype=np.int64)
     splits = split_indices(y, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    log.info("classes: %s", ", ".join(f"#{i} {c}" for i, c in enumerate(classes)))
     mean = x[splits["train"]].mean(axis=0)
     std = x[splits["train"]].std(axis=0)
     std[std == 0] = 1.0  # a constant feature stays 0 instead of dividing by zero
@@ -324,35 +451,108 @@ def predict(model, x: torch.Tensor, batch_size: int, amp_dtype=None) -> torch.Te
 # ----------------------------------------------------------------------------- checkpoint
 
 CHECKPOINT_VERSION = 1
+# These decide the data and so the model's shape: a run cannot resume across a change to them.
+RESUME_MUST_MATCH = ("dataset", "label_column", "val_fraction", "test_fraction", "seed")
 
 
 def save_file(path: Path, write) -> None:
-    """Every output goes through here: `write(path)` does the actual writing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write(path)
+    """Every output goes through here. `write(f)` fills a temporary file beside `path`, which is
+    fsynced and then renamed over it: a kill at any instant leaves the old file or the new one,
+    never half of one, and a failed write leaves the old one in place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with suppress(OSError):
+            tmp.unlink()
+        fail(f"could not write {path}: {e.strerror or e}; any previous {path.name} is untouched")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    save_file(path, lambda p: torch.save(state, p))
+    save_file(path, lambda f: torch.save(state, f))
 
 
 def write_json(path: Path, obj) -> None:
-    save_file(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n"))
+    save_file(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def best_model_state(model, data: dict, cfg: TrainingConfig, epoch: int, val: dict) -> dict:
+def model_state(model, data: dict, cfg: TrainingConfig, epoch: int) -> dict:
     """The weights plus everything needed to predict on raw, unnormalized rows."""
     return {
         "version": CHECKPOINT_VERSION, "model": model.state_dict(), "epoch": epoch,
-        "val_loss": val["loss"], "val_acc": val["acc"],
-        "mean": data["mean"], "std": data["std"],
-        "features": data["features"], "classes": data["classes"], "config": asdict(cfg),
+        "mean": data["mean"], "std": data["std"], "features": data["features"], "classes": data["classes"],
+        "config": asdict(cfg),
     }
 
 
+def rng_states(shuffle: torch.Generator) -> dict:
+    """Every random stream the run draws from, as plain values: resuming without them drifts."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # weights_only loads no ndarrays
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "shuffle": shuffle.get_state()}
+
+
+def restore_rng_states(states: dict, shuffle: torch.Generator) -> None:
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    shuffle.set_state(states["shuffle"])
+
+
 def load_checkpoint(path: Path) -> dict:
-    # weights_only: a checkpoint is data, never code to run
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        # weights_only: a checkpoint is data, never code to run
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and I/O errors all mean the same thing here
+        fail(f"{path} is not a readable checkpoint (truncated or corrupt?): {first_line(e)}")
+    version = checkpoint.get("version") if isinstance(checkpoint, dict) else None
+    if version != CHECKPOINT_VERSION:
+        fail(f"{path} was not written by this train.py (checkpoint version {version}, expected {CHECKPOINT_VERSION})")
+    return checkpoint
+
+
+def load_weights(model, checkpoint: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path} holds weights shaped for another model or data: {first_line(e)}")
+
+
+def resume(path: Path, cfg: TrainingConfig, data: dict, model, optimizer, scheduler, scaler, shuffle) -> dict | None:
+    """Restore everything last.pt holds and return its progress, or None when there is no last.pt."""
+    if not path.exists():
+        log.info("resume: no %s yet, starting fresh", path)
+        return None
+    checkpoint = load_checkpoint(path)
+    saved = {**checkpoint["config"], "features": checkpoint["features"], "classes": checkpoint["classes"]}
+    current = {**asdict(cfg), "features": data["features"], "classes": data["classes"]}
+    differ = [f"{k} ({saved.get(k)!r} there, {current[k]!r} now)"
+              for k in (*RESUME_MUST_MATCH, "features", "classes") if saved.get(k) != current[k]]
+    if differ:
+        fail(f"{path} belongs to a run on other data: {'; '.join(differ)}. "
+             "Resume with the same values, or start fresh with another --checkpoint-dir")
+    load_weights(model, checkpoint, path)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_states(checkpoint["rng"], shuffle)
+        progress = checkpoint["progress"]
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        fail(f"{path} cannot be resumed from (incomplete, or saved with other settings): {first_line(e)}")
+    log.info("resumed from %s after epoch %d", path, progress["epoch"])
+    return progress
 
 
 # ----------------------------------------------------------------------------- report
@@ -408,20 +608,70 @@ def plot_history(history: list[dict], best_epoch: int, path: Path) -> None:
         ax.axvline(best_epoch, color="gray", linestyle="--", label=f"best epoch ({best_epoch})")
         ax.grid(alpha=0.3)
     loss_ax.legend()
-    save_file(path, fig.savefig)
+    save_file(path, lambda f: fig.savefig(f, format="png"))
 
 
 # ----------------------------------------------------------------------------- main
 
+@contextmanager
+def stop_on_signals():
+    """SIGINT (Ctrl-C) and SIGTERM (schedulers, spot reclaim) ask the loop to stop after the
+    current step. A second signal stops at once; the atomic writes keep every file whole."""
+    stop = {"signal": None, "cut": False}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop["signal"] = signum
+        log.warning("%s: finishing the current step, then stopping (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    try:
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        previous = {}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def until_stopped(batches, stop: dict):
+    """Pass batches through until a stop is asked for; mark the epoch as cut if one was."""
+    for batch in batches:
+        if stop["signal"] is not None:
+            stop["cut"] = True
+            return
+        yield batch
+
+
+def check_finite(epoch: int, losses: dict, best_path: Path, best_epoch: int) -> None:
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            kept = f"{best_path} still holds epoch {best_epoch}" if best_epoch else "this run saved no best checkpoint"
+            fail(f"epoch {epoch}: the {name} loss is {value}. Likely causes: a learning rate too high "
+                 "(lower --learning-rate), float16 overflow (use --amp-dtype bfloat16), or extreme values "
+                 f"in the data. Nothing from this epoch was saved; {kept}")
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    seed_everything(cfg.seed)
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # no-op if already set up
+    log.setLevel(logging.INFO)
+    validate_config(cfg)
     device = get_best_device(cfg.device)
     amp_dtype = resolve_amp_dtype(cfg, device)
     checkpoint_dir, output_dir = Path(cfg.checkpoint_dir), Path(cfg.output_dir)
     best_path, last_path = checkpoint_dir / "best_model.pt", checkpoint_dir / "last.pt"
+    for folder in (checkpoint_dir, output_dir):  # fail now rather than after the first checkpoint is replaced
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot create the folder {folder}: {e.strerror or e}")
+    seed_everything(cfg.seed)
 
     data = prepare_data(cfg)
     # Tabular data fits in memory: put it on the device once, not batch by batch.
@@ -435,54 +685,69 @@ def main(argv: list[str] | None = None) -> dict:
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=math.ceil(len(x_train) / cfg.batch_size))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     shuffle = torch.Generator().manual_seed(cfg.seed)
+    progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "stale": 0, "history": []}
+    if cfg.resume:
+        progress = resume(last_path, cfg, data, model, optimizer, scheduler, scaler, shuffle) or progress
+    history = progress["history"]
     log.info("device: %s, amp: %s, %d parameters", device, amp_dtype or "off",
              sum(p.numel() for p in model.parameters()))
 
-    history: list[dict] = []
-    best_loss, best_epoch, stale = math.inf, 0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        started = time.perf_counter()
-        train_loss = train_one_epoch(model, iterate_batches(x_train, y_train, cfg.batch_size, shuffle),
-                                     optimizer, scheduler, scaler, amp_dtype, cfg.grad_clip)
-        val = evaluate(model, iterate_batches(x_val, y_val, cfg.batch_size), amp_dtype)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
-                        "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
-        if val["loss"] < best_loss:  # selection by held-out loss, never by the last epoch
-            best_loss, best_epoch, stale = val["loss"], epoch, 0
-            save_checkpoint(best_path, best_model_state(model, data, cfg, epoch, val))
-        else:
-            stale += 1
-        save_checkpoint(last_path, {
-            "version": CHECKPOINT_VERSION, "model": model.state_dict(), "epoch": epoch,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "best_loss": best_loss, "best_epoch": best_epoch,
-            "history": history, "config": asdict(cfg)})
-        write_json(output_dir / "history.json", history)
-        if epoch == 1 or epoch % cfg.log_every == 0 or epoch == cfg.epochs:
-            log.info("epoch %3d/%d  train loss %.4f  val loss %.4f  val acc %.3f  lr %.2e  %.2fs",
-                     epoch, cfg.epochs, train_loss, val["loss"], val["acc"], history[-1]["lr"],
-                     history[-1]["seconds"])
-        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
-            log.info("early stop: no better val loss in %d epochs", stale)
-            break
+    with stop_on_signals() as stop:
+        for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
+            if cfg.early_stopping_patience and progress["stale"] >= cfg.early_stopping_patience:
+                log.info("early stop: no better val loss in %d epochs", progress["stale"])
+                break
+            started = time.perf_counter()
+            batches = until_stopped(iterate_batches(x_train, y_train, cfg.batch_size, shuffle), stop)
+            train_loss = train_one_epoch(model, batches, optimizer, scheduler, scaler, amp_dtype, cfg.grad_clip)
+            if stop["cut"]:
+                break  # an unfinished epoch is dropped whole: last.pt keeps the one before, so resume is exact
+            val = evaluate(model, iterate_batches(x_val, y_val, cfg.batch_size), amp_dtype)
+            check_finite(epoch, {"training": train_loss, "validation": val["loss"]}, best_path, progress["best_epoch"])
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
+                            "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
+            progress["epoch"] = epoch
+            if val["loss"] < progress["best_loss"]:  # selection by held-out loss, never by the last epoch
+                progress.update(best_loss=val["loss"], best_epoch=epoch, stale=0)
+                save_checkpoint(best_path, {**model_state(model, data, cfg, epoch),
+                                            "val_loss": val["loss"], "val_acc": val["acc"]})
+            else:
+                progress["stale"] += 1
+            save_checkpoint(last_path, {**model_state(model, data, cfg, epoch),
+                                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                        "scaler": scaler.state_dict(), "rng": rng_states(shuffle),
+                                        "progress": progress})
+            write_json(output_dir / "history.json", history)
+            if epoch == 1 or epoch % cfg.log_every == 0 or epoch == cfg.epochs:
+                log.info("epoch %3d/%d  train loss %.4f  val loss %.4f  val acc %.3f  lr %.2e  %.2fs",
+                         epoch, cfg.epochs, train_loss, val["loss"], val["acc"], history[-1]["lr"],
+                         history[-1]["seconds"])
+            if stop["signal"] is not None:
+                break
 
-    plot_history(history, best_epoch, output_dir / "loss_curve.png")
+    if history:
+        plot_history(history, progress["best_epoch"], output_dir / "loss_curve.png")
+    if stop["signal"] is not None:
+        again = shlex.join(["python", "train.py", *[a for a in argv if a != "--resume"], "--resume"])
+        saved = f"{last_path} holds epoch {progress['epoch']}" if history else "no epoch finished, nothing saved"
+        log.warning("stopped by %s: %s. Resume with: %s", signal.Signals(stop["signal"]).name, saved, again)
+        raise SystemExit(128 + stop["signal"])
 
     # The test split is touched once, by the best checkpoint, after all choices are made.
-    best = load_checkpoint(best_path)
-    model.load_state_dict(best["model"])
+    load_weights(model, load_checkpoint(best_path), best_path)
     x_test, y_test = data["test"]
     logits = predict(model, x_test, cfg.batch_size, amp_dtype)
     report = classification_report(logits, y_test, data["classes"])
-    report["best_epoch"] = best_epoch
+    report["best_epoch"] = progress["best_epoch"]
     write_json(output_dir / "test_report.json", report)
     log_report(report, logits, y_test, x_test * data["std"] + data["mean"])
 
     written = [best_path, last_path] + [output_dir / n for n in ("history.json", "loss_curve.png", "test_report.json")]
-    log.info("best epoch %d (val loss %.4f); test accuracy %.4f", best_epoch, best_loss, report["accuracy"])
+    log.info("best epoch %d (val loss %.4f); test accuracy %.4f",
+             progress["best_epoch"], progress["best_loss"], report["accuracy"])
     log.info("wrote %s", ", ".join(str(p) for p in written))
-    return {"best_epoch": best_epoch, "best_val_loss": best_loss, "test_accuracy": report["accuracy"],
-            "history": history, "files": written}
+    return {"best_epoch": progress["best_epoch"], "best_val_loss": progress["best_loss"],
+            "test_accuracy": report["accuracy"], "history": history, "files": written}
 
 
 if __name__ == "__main__":
