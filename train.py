@@ -11,6 +11,7 @@ The two places you are expected to swap are marked "SWAP HERE".
 """
 
 import argparse
+import hashlib
 import inspect
 import json
 import logging
@@ -24,7 +25,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -60,6 +61,9 @@ class TrainingConfig:
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), or a torch device such as "cuda:1" or "cpu"
     use_amp: bool = False  # mixed precision through torch.autocast
     amp_dtype: str = "auto"  # "auto" (bfloat16 where supported, else float16), "bfloat16" or "float16"
+    loader: str = "auto"  # "memory" (tensors on the device, sliced), "dataloader" (pinned host memory), or "auto"
+    num_workers: int = 0  # DataLoader worker processes, for loader "dataloader"
+    compile: bool = False  # torch.compile the model: slower start, faster steps on big models
     # outputs
     checkpoint_dir: str = "checkpoints"  # best_model.pt and last.pt go here
     output_dir: str = "training-loop"  # history.json, loss_curve.png and test_report.json go here
@@ -115,6 +119,9 @@ def validate_config(cfg: TrainingConfig) -> None:
         (cfg.grad_clip >= 0, "--grad-clip must be 0 (off) or more"),
         (cfg.early_stopping_patience >= 0, "--early-stopping-patience must be 0 (off) or more"),
         (cfg.log_every >= 1, "--log-every must be at least 1"),
+        (cfg.num_workers >= 0, "--num-workers must be 0 or more"),
+        (cfg.loader in ("auto", "memory", "dataloader"),
+         f"--loader {cfg.loader!r} is unknown; use auto, memory or dataloader"),
         (cfg.scheduler in ("cosine", "none"), f"--scheduler {cfg.scheduler!r} is unknown; use cosine or none"),
         (cfg.amp_dtype in ("auto", "bfloat16", "float16"),
          f"--amp-dtype {cfg.amp_dtype!r} is unknown; use auto, bfloat16 or float16"),
@@ -326,6 +333,41 @@ def split_indices(y: np.ndarray, val_fraction: float, test_fraction: float, seed
     return {name: np.sort(np.concatenate(p)) for name, p in parts.items()}
 
 
+PREPARED_VERSION = 1  # bump when the way a table becomes tensors changes
+
+
+def source_fingerprint(cfg: TrainingConfig) -> dict | None:
+    """What the prepared tensors depend on; None while the source is not on this machine."""
+    path, saved = Path(cfg.dataset), Path(cfg.datasets_dir) / cfg.dataset.replace("/", "___")
+    files = [path] if path.is_file() else sorted(f for f in saved.rglob("*") if f.is_file())
+    if not files:
+        return None
+    return {"version": PREPARED_VERSION, "label_column": cfg.label_column,
+            "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def load_prepared(cfg: TrainingConfig) -> dict:
+    """All rows as tensors: x (raw float32), y (class ids), classes, features. Built from the table
+    once, then read back while the source is unchanged, without even importing `datasets`."""
+    name = hashlib.sha1(f"{Path(cfg.dataset).resolve() if Path(cfg.dataset).is_file() else cfg.dataset}"
+                        f"|{cfg.label_column}".encode()).hexdigest()[:12]
+    cache = Path(cfg.datasets_dir) / "prepared" / f"{Path(cfg.dataset).name}-{name}.pt"
+    fingerprint = source_fingerprint(cfg)
+    if fingerprint is not None and cache.is_file():
+        with suppress(Exception):  # an unreadable or stale cache is rebuilt, never trusted
+            prepared = torch.load(cache, weights_only=True)
+            if prepared["fingerprint"] == fingerprint:
+                return prepared
+    x, labels, features = table_to_arrays(load_table(cfg), cfg.label_column)
+    classes = sorted(set(labels))
+    class_id = {c: i for i, c in enumerate(classes)}
+    prepared = {"x": torch.from_numpy(x), "y": torch.tensor([class_id[v] for v in labels]),
+                "classes": classes, "features": features,
+                "fingerprint": source_fingerprint(cfg)}  # again: loading may have just saved the source
+    save_file(cache, lambda f: torch.save(prepared, f))
+    return prepared
+
+
 def prepare_data(cfg: TrainingConfig) -> dict:
     """Everything the loop needs, as plain tensors and values:
 
@@ -334,31 +376,63 @@ def prepare_data(cfg: TrainingConfig) -> dict:
     train, val, test: (x, y) tensors, x normalized float32, y class ids
     splits: the row indices of each split in the source table
     """
-    x, labels, features = table_to_arrays(load_table(cfg), cfg.label_column)
-    classes = sorted(set(labels))
+    prepared = load_prepared(cfg)
+    x, y, classes = prepared["x"].numpy(), prepared["y"].numpy(), prepared["classes"]
     if len(classes) < 2:
         fail(f"column {cfg.label_column!r} holds a single class ({classes[0]!r}); a classifier needs two or more")
-    class_id = {c: i for i, c in enumerate(classes)}
-    y = np.array([class_id[v] for v in labels], dtype=np.int64)
     splits = split_indices(y, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     log.info("classes: %s", ", ".join(f"#{i} {c}" for i, c in enumerate(classes)))
     mean = x[splits["train"]].mean(axis=0)
     std = x[splits["train"]].std(axis=0)
     std[std == 0] = 1.0  # a constant feature stays 0 instead of dividing by zero
-    data = {"features": features, "classes": classes, "splits": splits,
+    data = {"features": prepared["features"], "classes": classes, "splits": splits,
             "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}
     for name, rows in splits.items():
         data[name] = (torch.from_numpy((x[rows] - mean) / std), torch.from_numpy(y[rows]))
     return data
 
 
+def choose_loader(cfg: TrainingConfig, device: torch.device, data: dict) -> str:
+    """"memory" unless the data would crowd a GPU: then a DataLoader streams it from host memory."""
+    if cfg.loader != "auto":
+        return cfg.loader
+    if device.type != "cuda":
+        return "memory"  # on CPU (and MPS's unified memory) the data already sits where the model runs
+    size = sum(t.numel() * t.element_size() for split in ("train", "val") for t in data[split])
+    free, _ = torch.cuda.mem_get_info(device)
+    return "memory" if size < free // 4 else "dataloader"  # leave most of the GPU to activations
+
+
 def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
-    """Batches cut straight from in-memory tensors: one shuffle per epoch, no per-row collate."""
-    if generator is not None:
-        order = torch.randperm(len(x), generator=generator).to(x.device)
-        x, y = x[order], y[order]
-    for start in range(0, len(x), batch_size):
-        yield x[start:start + batch_size], y[start:start + batch_size]
+    """Batches cut from in-memory tensors by a shuffled index: one indexing op a batch, no per-row collate."""
+    if generator is None:  # evaluation: plain slices, no copies
+        for start in range(0, len(x), batch_size):
+            yield x[start:start + batch_size], y[start:start + batch_size]
+        return
+    for rows in torch.randperm(len(x), generator=generator).to(x.device).split(batch_size):
+        yield x[rows], y[rows]
+
+
+def loader_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
+                   generator: torch.Generator | None = None, num_workers: int = 0):
+    """The same batches, in the same order, through a torch DataLoader over host memory. Pinned
+    pages let the copy to the GPU run alongside compute (non_blocking)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    order = torch.randperm(len(x), generator=generator) if generator is not None else torch.arange(len(x))
+    # A private generator for the workers' base seed: otherwise each epoch's iterator draws it from
+    # the global RNG, shifting dropout's stream and so breaking exact resume.
+    loader = DataLoader(TensorDataset(x, y), sampler=order.split(batch_size), batch_size=None,
+                        num_workers=num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+
+
+def epoch_batches(split: tuple, cfg: TrainingConfig, device: torch.device, generator=None):
+    """One pass over a split, shuffled when given a generator, by the path cfg.loader names."""
+    if cfg.loader == "memory":
+        return iterate_batches(*split, cfg.batch_size, generator)
+    return loader_batches(*split, cfg.batch_size, device, generator, cfg.num_workers)
 
 
 # ----------------------------------------------------------------------------- model
@@ -416,7 +490,7 @@ def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None,
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        loss_sum += loss.detach().float() * len(yb)
+        loss_sum.add_(loss.detach().float(), alpha=len(yb))  # one op; the sum is read once, at the end
         rows += len(yb)
     return (loss_sum / max(rows, 1)).item()
 
@@ -674,15 +748,22 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(cfg.seed)
 
     data = prepare_data(cfg)
-    # Tabular data fits in memory: put it on the device once, not batch by batch.
-    (x_train, y_train), (x_val, y_val) = [(x.to(device), y.to(device)) for x, y in (data["train"], data["val"])]
-    log.info("data: %s, %d features, %d classes; %d train / %d val / %d test rows",
+    cfg = replace(cfg, loader=choose_loader(cfg, device, data))
+    train_split, val_split = data["train"], data["val"]
+    if cfg.loader == "memory":  # put the data on the device once, not batch by batch
+        train_split, val_split = [(x.to(device), y.to(device)) for x, y in (train_split, val_split)]
+    log.info("data: %s, %d features, %d classes; %d train / %d val / %d test rows; loader: %s",
              cfg.dataset, len(data["features"]), len(data["classes"]),
-             len(x_train), len(x_val), len(data["test"][0]))
+             len(train_split[0]), len(val_split[0]), len(data["test"][0]), cfg.loader)
 
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x the float32 throughput on Ampere+
     model = TinyMLP(len(data["features"]), len(data["classes"])).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=math.ceil(len(x_train) / cfg.batch_size))
+    step_model = torch.compile(model) if cfg.compile else model  # checkpoints save `model`: no _orig_mod. prefix
+    # The fused kernel updates every parameter in one call: about 2x faster than the default on CPU.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=math.ceil(len(train_split[0]) / cfg.batch_size))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "stale": 0, "history": []}
@@ -698,11 +779,11 @@ def main(argv: list[str] | None = None) -> dict:
                 log.info("early stop: no better val loss in %d epochs", progress["stale"])
                 break
             started = time.perf_counter()
-            batches = until_stopped(iterate_batches(x_train, y_train, cfg.batch_size, shuffle), stop)
-            train_loss = train_one_epoch(model, batches, optimizer, scheduler, scaler, amp_dtype, cfg.grad_clip)
+            batches = until_stopped(epoch_batches(train_split, cfg, device, shuffle), stop)
+            train_loss = train_one_epoch(step_model, batches, optimizer, scheduler, scaler, amp_dtype, cfg.grad_clip)
             if stop["cut"]:
                 break  # an unfinished epoch is dropped whole: last.pt keeps the one before, so resume is exact
-            val = evaluate(model, iterate_batches(x_val, y_val, cfg.batch_size), amp_dtype)
+            val = evaluate(step_model, epoch_batches(val_split, cfg, device), amp_dtype)
             check_finite(epoch, {"training": train_loss, "validation": val["loss"]}, best_path, progress["best_epoch"])
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
                             "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
@@ -736,7 +817,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The test split is touched once, by the best checkpoint, after all choices are made.
     load_weights(model, load_checkpoint(best_path), best_path)
     x_test, y_test = data["test"]
-    logits = predict(model, x_test, cfg.batch_size, amp_dtype)
+    logits = predict(step_model, x_test, cfg.batch_size, amp_dtype)
     report = classification_report(logits, y_test, data["classes"])
     report["best_epoch"] = progress["best_epoch"]
     write_json(output_dir / "test_report.json", report)
@@ -752,3 +833,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    # Every file is written, fsynced and closed. Skip the interpreter's teardown of torch's
+    # modules: it takes ~1.5 s and frees nothing the OS does not reclaim at once. (If you add
+    # atexit hooks, such as an experiment tracker's, call them before this or drop these lines.)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,304 @@
+"""How fast train.py's loop runs, side by side with the loops it is measured against.
+
+    python bench.py            # a few minutes on 2 CPU cores; adds CUDA rows when a GPU is present
+
+Part 1, one process, synthetic tabular data at several sizes, three loops doing the same work
+(forward, cross-entropy, backward, AdamW step; no clipping, no scheduler):
+  (a) train.py's own train_one_epoch over iterate_batches, with the optimizer train.py builds;
+  (b) an article-style loop: DataLoader(TensorDataset) fetching row by row, .item() every step,
+      the loss averaged per batch, plain AdamW, batches moved to the device one by one;
+  (c) a minimal hand-written loop slicing tensors by a shuffled index: the practical limit.
+Loops are interleaved epoch by epoch and each one's fastest epoch is reported: on a shared
+machine noise only ever adds time, and interleaving spreads it over all three alike.
+
+Part 2, end to end in subprocesses: the default `python train.py` (warm dataset cache) against a
+bare script doing the same job (import, train, one save) and an article-style script (datasets,
+DataLoader, pyplot). Several runs each, interleaved; median wall time and peak RSS.
+
+The last line printed is a one-line summary of the ratios.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import train
+
+HERE = Path(__file__).resolve().parent
+SIZES = [(10_000, 8, 32), (100_000, 16, 64), (300_000, 32, 256)]  # rows, features, batch size
+CLASSES = 10
+
+
+# ----------------------------------------------------------------------------- part 1: the loops
+
+def loop_train_py(model, optimizer, x, y, batch_size, generator, device):
+    return train.train_one_epoch(model, train.iterate_batches(x, y, batch_size, generator), optimizer)
+
+
+def loop_article(model, optimizer, x, y, batch_size, generator, device):
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
+    model.train()
+    total = 0.0
+    for xb, yb in loader:
+        xb, yb = xb.to(device), yb.to(device)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return total / len(loader)
+
+
+def loop_minimal(model, optimizer, x, y, batch_size, generator, device):
+    model.train()
+    for rows in torch.randperm(len(x), generator=generator).to(device).split(batch_size):
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        optimizer.step()
+
+
+LOOPS = {"a": loop_train_py, "b": loop_article, "c": loop_minimal}
+
+
+def setup(name: str, features: int, device: torch.device, seed: int = 0):
+    torch.manual_seed(seed)
+    model = train.TinyMLP(features, CLASSES).to(device)
+    if name == "b":  # what the article does: default AdamW
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:  # what train.py does, so (c) isolates the loop's own overhead
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
+    return model, optimizer
+
+
+def synthetic(rows: int, features: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, features, generator=g)
+    y = (x[:, :CLASSES] if features >= CLASSES else x.repeat(1, CLASSES)[:, :CLASSES]).argmax(1)
+    return x, y
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Peak memory above the starting level while the block runs: allocator stats on CUDA,
+    resident set size sampled every 5 ms on CPU."""
+    result = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        yield result
+        torch.cuda.synchronize()
+        result["mb"] = (torch.cuda.max_memory_allocated() - start) / 2**20
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    start, peak, done = rss(), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        result["mb"] = (max(peak[0], rss()) - start) / 2**20
+
+
+def bench_loops(device: torch.device, rows: int, features: int, batch_size: int, epochs: int) -> dict:
+    x, y = synthetic(rows, features)
+    on_device = (x.to(device), y.to(device))
+    state = {}
+    for name in LOOPS:
+        model, optimizer = setup(name, features, device)
+        data = (x, y) if name == "b" else on_device  # the article keeps data on the host
+        LOOPS[name](model, optimizer, *data, batch_size, torch.Generator().manual_seed(0), device)  # warm-up
+        state[name] = {"args": (model, optimizer, *data, batch_size, torch.Generator().manual_seed(1), device),
+                       "seconds": [], "mb": 0.0}
+    for _ in range(epochs):
+        for name, s in state.items():
+            with peak_memory(device) as memory:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                LOOPS[name](*s["args"])
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                s["seconds"].append(time.perf_counter() - started)
+            s["mb"] = max(s["mb"], memory["mb"])
+    return {name: {"rows_per_s": rows / min(s["seconds"]), "mb": s["mb"]} for name, s in state.items()}
+
+
+def part_loops(device: torch.device, epochs: int) -> list[dict]:
+    print(f"\n(1) epoch loops on {device_name(device)}: fastest of {epochs} epochs, interleaved")
+    print(f"{'rows':>9} {'feat':>4} {'batch':>5} | {'(a) train.py':>13} {'(b) article':>12} {'(c) minimal':>12}"
+          f" | {'a/c':>5} {'a/b':>6} | peak MB a / b / c")
+    results = []
+    for rows, features, batch_size in SIZES:
+        r = bench_loops(device, rows, features, batch_size, epochs)
+        a, b, c = (r[k]["rows_per_s"] for k in "abc")
+        results.append({"rows": rows, "a/c": a / c, "a/b": a / b})
+        print(f"{rows:>9,} {features:>4} {batch_size:>5} | {a:>10,.0f}/s {b:>10,.0f}/s {c:>10,.0f}/s"
+              f" | {a / c:>4.2f}x {a / b:>5.1f}x | {r['a']['mb']:.0f} / {r['b']['mb']:.0f} / {r['c']['mb']:.0f}")
+    return results
+
+
+# ----------------------------------------------------------------------------- part 2: end to end
+
+BARE = '''
+import csv, torch, torch.nn as nn, torch.nn.functional as F
+rows = list(csv.reader(open({csv!r})))[1:]
+classes = sorted({{r[-1] for r in rows}})
+x = torch.tensor([[float(v) for v in r[1:5]] for r in rows])
+y = torch.tensor([classes.index(r[-1]) for r in rows])
+torch.manual_seed(0)
+order = torch.randperm(len(x))
+train_rows = order[:102]
+mean, std = x[train_rows].mean(0), x[train_rows].std(0)
+x = (x - mean) / std
+model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+for epoch in range(50):
+    for rows_ in train_rows[torch.randperm(len(train_rows))].split(16):
+        opt.zero_grad()
+        F.cross_entropy(model(x[rows_]), y[rows_]).backward()
+        opt.step()
+torch.save(model.state_dict(), "model.pt")
+'''
+
+ARTICLE = '''
+import torch, torch.nn as nn, torch.nn.functional as F
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from datasets import load_dataset
+from torch.utils.data import DataLoader, TensorDataset
+frame = load_dataset("csv", data_files={csv!r}, split="train", cache_dir="hf").to_pandas()
+classes = sorted(frame["Species"].unique())
+x = torch.tensor(frame.drop(columns=["Id", "Species"]).values, dtype=torch.float32)
+y = torch.tensor(frame["Species"].map({{c: i for i, c in enumerate(classes)}}).values)
+x = (x - x.mean(0)) / x.std(0)
+torch.manual_seed(0)
+order = torch.randperm(len(x))
+train_set = TensorDataset(x[order[:120]], y[order[:120]])
+val_set = TensorDataset(x[order[120:]], y[order[120:]])
+train_loader = DataLoader(train_set, batch_size=16, shuffle=True)
+val_loader = DataLoader(val_set, batch_size=16)
+model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Dropout(0.1), nn.Linear(32, 3))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+train_losses, val_losses, best = [], [], float("inf")
+for epoch in range(50):
+    model.train()
+    total = 0.0
+    for xb, yb in train_loader:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        total += loss.item()
+    train_losses.append(total / len(train_loader))
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for xb, yb in val_loader:
+            total += F.cross_entropy(model(xb), yb).item()
+    val_losses.append(total / len(val_loader))
+    if val_losses[-1] < best:
+        best = val_losses[-1]
+        torch.save(model.state_dict(), "best_model.pt")
+plt.plot(train_losses, label="train")
+plt.plot(val_losses, label="val")
+plt.legend()
+plt.savefig("loss_curve.png")
+'''
+
+
+def run_timed(command: list[str], cwd: Path, env: dict) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one child process."""
+    started = time.perf_counter()
+    child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"{' '.join(command)} failed in {cwd}:\n{child.stderr.read().decode()}")
+    child.stderr.close()
+    return seconds, usage.ru_maxrss / 1024
+
+
+def part_end_to_end(runs: int) -> dict:
+    print(f"\n(2) end to end, default Iris job: median of {runs} runs each, interleaved")
+    iris = str(HERE / "datasets" / "Iris.csv")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the article's script needs it to run offline at all
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        jobs = {}
+        for name, source in (("bare", BARE), ("article", ARTICLE)):
+            (tmp / name).mkdir()
+            (tmp / name / "job.py").write_text(textwrap.dedent(source.format(csv=iris)))
+            jobs[name] = ([sys.executable, "job.py"], tmp / name)
+        (tmp / "train").mkdir()
+        jobs["train.py"] = ([sys.executable, str(HERE / "train.py")], tmp / "train")
+        for command, cwd in jobs.values():  # warm-up: builds train.py's dataset cache, the article's HF cache
+            run_timed(command, cwd, env)
+        samples = {name: [] for name in jobs}
+        for _ in range(runs):
+            for name, (command, cwd) in jobs.items():
+                samples[name].append(run_timed(command, cwd, env))
+    result = {name: (statistics.median(s for s, _ in v), max(m for _, m in v)) for name, v in samples.items()}
+    for name, (seconds, mb) in result.items():
+        print(f"  {name:9s} {seconds:5.2f} s   peak RSS {mb:4.0f} MB")
+    t, b, a = result["train.py"], result["bare"], result["article"]
+    ratios = {"e2e/bare": t[0] / b[0], "e2e/article": t[0] / a[0], "rss/article": t[1] / a[1]}
+    print(f"  train.py / bare {ratios['e2e/bare']:.2f}x (target <= 1.2x), train.py / article "
+          f"{ratios['e2e/article']:.2f}x (target <= 0.7x), peak RSS train.py / article {ratios['rss/article']:.2f}x"
+          " (target <= 1x)")
+    return ratios
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs per loop and size")
+    parser.add_argument("--runs", type=int, default=5, help="end-to-end runs per script")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs")
+    summary = []
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        at_scale = [r for r in part_loops(device, args.epochs) if r["rows"] >= 100_000]
+        summary.append(f"{device.type} a/c {min(r['a/c'] for r in at_scale):.2f}x"
+                       f" a/b {min(r['a/b'] for r in at_scale):.1f}x")
+    e2e = part_end_to_end(args.runs)
+    summary.append(f"e2e train.py/bare {e2e['e2e/bare']:.2f}x train.py/article {e2e['e2e/article']:.2f}x"
+                   f" rss train.py/article {e2e['rss/article']:.2f}x")
+    print("\nsummary (worst case at 100k+ rows): " + "; ".join(summary))
+
+
+if __name__ == "__main__":
+    main()
