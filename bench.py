@@ -44,12 +44,14 @@ CLASSES = 10
 
 # ----------------------------------------------------------------------------- part 1: the loops
 
-def loop_train_py(model, optimizer, x, y, batch_size, generator, device):
-    return train.train_one_epoch(model, train.iterate_batches(x, y, batch_size, generator), optimizer)
+def loop_train_py(model, optimizer, x, y, batch_size, seed, device):
+    rows = train.shard_rows(len(x), shuffle_seed=seed)
+    return train.train_one_epoch(model, train.iterate_batches(x, y, batch_size, rows), optimizer)
 
 
-def loop_article(model, optimizer, x, y, batch_size, generator, device):
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=generator)
+def loop_article(model, optimizer, x, y, batch_size, seed, device):
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
     model.train()
     total = 0.0
     for xb, yb in loader:
@@ -62,9 +64,9 @@ def loop_article(model, optimizer, x, y, batch_size, generator, device):
     return total / len(loader)
 
 
-def loop_minimal(model, optimizer, x, y, batch_size, generator, device):
+def loop_minimal(model, optimizer, x, y, batch_size, seed, device):
     model.train()
-    for rows in torch.randperm(len(x), generator=generator).to(device).split(batch_size):
+    for rows in torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).to(device).split(batch_size):
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[rows]), y[rows]).backward()
         optimizer.step()
@@ -132,16 +134,15 @@ def bench_loops(device: torch.device, rows: int, features: int, batch_size: int,
     for name in LOOPS:
         model, optimizer = setup(name, features, device)
         data = (x, y) if name == "b" else on_device  # the article keeps data on the host
-        LOOPS[name](model, optimizer, *data, batch_size, torch.Generator().manual_seed(0), device)  # warm-up
-        state[name] = {"args": (model, optimizer, *data, batch_size, torch.Generator().manual_seed(1), device),
-                       "seconds": [], "mb": 0.0}
-    for _ in range(epochs):
+        LOOPS[name](model, optimizer, *data, batch_size, 0, device)  # warm-up
+        state[name] = {"args": (model, optimizer, *data, batch_size), "seconds": [], "mb": 0.0}
+    for epoch in range(1, epochs + 1):
         for name, s in state.items():
             with peak_memory(device) as memory:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 started = time.perf_counter()
-                LOOPS[name](*s["args"])
+                LOOPS[name](*s["args"], epoch, device)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 s["seconds"].append(time.perf_counter() - started)

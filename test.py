@@ -570,9 +570,98 @@ def test_bench_loops_do_the_same_work():
     weights = {}
     for name in ("a", "c"):
         model, optimizer = bench.setup(name, 16, torch.device("cpu"))
-        bench.LOOPS[name](model, optimizer, x, y, 64, torch.Generator().manual_seed(3), torch.device("cpu"))
+        bench.LOOPS[name](model, optimizer, x, y, 64, 3, torch.device("cpu"))
         weights[name] = model.state_dict()
     assert all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+
+
+# ----------------------------------------------------------------------------- scaling out
+
+RANK_WEIGHTS = """
+import sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import train
+
+real_load_weights = train.load_weights
+
+def record_then_load(model, checkpoint, path):
+    if path.name == "best_model.pt":  # training is over: record this rank's final weights
+        torch.save(model.state_dict(), {out!r} + f"/rank{{dist.get_rank()}}.pt")
+    real_load_weights(model, checkpoint, path)
+
+train.load_weights = record_then_load
+train.main(sys.argv[1:])
+"""
+
+
+def torchrun(tmp_path: Path, *args: str) -> str:
+    """Run train.py under torchrun, 2 CPU processes (gloo); each rank's final weights land in tmp_path."""
+    script = tmp_path / "rank_weights.py"
+    script.write_text(RANK_WEIGHTS.format(repo=str(REPO), out=str(tmp_path)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), *dirs(tmp_path), "--device", "cpu", *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0]), "the ranks' weights differ"
+    return result.stdout + result.stderr
+
+
+def test_torchrun_two_cpu_processes_train_as_one(tmp_path):
+    output = torchrun(tmp_path)
+    assert output.count("epoch   1/50") == 1 and "effective batch 32" in output  # rank 0 alone logs
+    written = sorted(str(p.relative_to(tmp_path)) for d in ("checkpoints", "training-loop")
+                     for p in (tmp_path / d).iterdir())
+    assert written == ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/history.json",
+                       "training-loop/loss_curve.png", "training-loop/test_report.json"]
+    best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in best["model"])  # loads in a single process
+    # What the ranks logged together equals a single-process evaluation of the saved model.
+    data = train.prepare_data(train.TrainingConfig(datasets_dir=str(tmp_path / "datasets")))
+    model = train.TinyMLP(len(best["features"]), len(best["classes"]))
+    model.load_state_dict(best["model"])
+    history = json.loads((tmp_path / "training-loop/history.json").read_text())
+    val = train.evaluate(model, train.iterate_batches(*data["val"], 16))
+    assert val["loss"] == pytest.approx(history[best["epoch"] - 1]["val_loss"], abs=1e-5)
+    assert val["acc"] == pytest.approx(history[best["epoch"] - 1]["val_acc"])
+    report = json.loads((tmp_path / "training-loop/test_report.json").read_text())
+    single = train.classification_report(train.predict(model, data["test"][0], 16), data["test"][1], data["classes"])
+    assert report["accuracy"] == pytest.approx(single["accuracy"]) and report["accuracy"] >= 0.9
+    assert report["confusion_matrix"] == single["confusion_matrix"] and report["rows"] == 24
+
+    # Resume under torchrun (every rank reads rank 0's last.pt) and go on with accumulation (no_sync).
+    output = torchrun(tmp_path, "--resume", "--epochs", "53", "--grad-accum-steps", "2")
+    assert "after epoch 50" in output and "effective batch 64" in output
+    assert [h["epoch"] for h in json.loads((tmp_path / "training-loop/history.json").read_text())][-4:] == \
+        [50, 51, 52, 53]
+
+
+def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_b(iris):
+    _, data = iris
+    x, y = data["train"][0][:48], data["train"][1][:48]
+    whole, accumulated = model_without_dropout(data), model_without_dropout(data)
+    train.train_one_epoch(whole, iter([(x, y)]), torch.optim.SGD(whole.parameters(), lr=0.5))
+    train.train_one_epoch(accumulated, train.iterate_batches(x, y, 16),
+                          torch.optim.SGD(accumulated.parameters(), lr=0.5), accum_steps=3)
+    for a, b in zip(whole.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    stepped_every_batch = model_without_dropout(data)  # and without accumulation the result differs
+    train.train_one_epoch(stepped_every_batch, train.iterate_batches(x, y, 16),
+                          torch.optim.SGD(stepped_every_batch.parameters(), lr=0.5))
+    assert not torch.allclose(next(whole.parameters()), next(stepped_every_batch.parameters()))
+
+
+def test_epoch_shards_follow_distributed_sampler(iris):
+    from torch.utils.data import DistributedSampler
+
+    rows = list(range(103))  # not divisible by 2: the last share is padded, as DistributedSampler pads it
+    for rank in (0, 1):
+        sampler = DistributedSampler(rows, num_replicas=2, rank=rank, shuffle=True, seed=42)
+        sampler.set_epoch(7)
+        assert train.shard_rows(103, rank, 2, shuffle_seed=42 + 7).tolist() == list(sampler)
+    shares = [set(train.shard_rows(103, r, 2).tolist()) for r in (0, 1)]  # evaluation: disjoint, complete
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == set(rows)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -50,13 +51,14 @@ class TrainingConfig:
     seed: int = 42  # seeds the splits, the initial weights, dropout and shuffling
     # optimization
     epochs: int = 50  # passes over the training split
-    batch_size: int = 16  # rows per optimizer step
+    batch_size: int = 16  # rows per step, per rank (see grad_accum_steps)
     learning_rate: float = 1e-2  # peak AdamW learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     scheduler: str = "cosine"  # "cosine" (linear warmup, then cosine decay to zero) or "none"
     warmup_fraction: float = 0.05  # share of all steps spent warming up when scheduler is "cosine"
     grad_clip: float = 1.0  # largest gradient norm allowed; 0 turns clipping off
     early_stopping_patience: int = 0  # stop after this many epochs without a better val loss; 0 never stops
+    grad_accum_steps: int = 1  # micro-batches per optimizer step: effective batch = batch_size x this x ranks
     # hardware
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), or a torch device such as "cuda:1" or "cpu"
     use_amp: bool = False  # mixed precision through torch.autocast
@@ -120,6 +122,7 @@ def validate_config(cfg: TrainingConfig) -> None:
         (cfg.early_stopping_patience >= 0, "--early-stopping-patience must be 0 (off) or more"),
         (cfg.log_every >= 1, "--log-every must be at least 1"),
         (cfg.num_workers >= 0, "--num-workers must be 0 or more"),
+        (cfg.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
         (cfg.loader in ("auto", "memory", "dataloader"),
          f"--loader {cfg.loader!r} is unknown; use auto, memory or dataloader"),
         (cfg.scheduler in ("cosine", "none"), f"--scheduler {cfg.scheduler!r} is unknown; use cosine or none"),
@@ -193,6 +196,11 @@ BUNDLED = {"scikit-learn/iris": HERE / "datasets" / "Iris.csv"}
 LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+def saved_copy(cfg: TrainingConfig) -> Path:
+    """Where a hub dataset is kept after its first load: datasets_dir/owner___name."""
+    return Path(cfg.datasets_dir) / cfg.dataset.replace("/", "___")
+
+
 def load_table(cfg: TrainingConfig):
     """Load the raw table through Hugging Face `datasets`, offline whenever a local copy exists.
 
@@ -201,7 +209,7 @@ def load_table(cfg: TrainingConfig):
     """
     source = cfg.dataset
     path, suffix = Path(source), Path(source).suffix.lower()
-    saved = Path(cfg.datasets_dir) / source.replace("/", "___")
+    saved = saved_copy(cfg)
     if suffix in LOADERS and not path.is_file():
         fail(f"--dataset {source}: no such file")
     if path.is_file() and suffix not in LOADERS:
@@ -338,7 +346,7 @@ PREPARED_VERSION = 1  # bump when the way a table becomes tensors changes
 
 def source_fingerprint(cfg: TrainingConfig) -> dict | None:
     """What the prepared tensors depend on; None while the source is not on this machine."""
-    path, saved = Path(cfg.dataset), Path(cfg.datasets_dir) / cfg.dataset.replace("/", "___")
+    path, saved = Path(cfg.dataset), saved_copy(cfg)
     files = [path] if path.is_file() else sorted(f for f in saved.rglob("*") if f.is_file())
     if not files:
         return None
@@ -403,36 +411,58 @@ def choose_loader(cfg: TrainingConfig, device: torch.device, data: dict) -> str:
     return "memory" if size < free // 4 else "dataloader"  # leave most of the GPU to activations
 
 
-def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None = None):
-    """Batches cut from in-memory tensors by a shuffled index: one indexing op a batch, no per-row collate."""
-    if generator is None:  # evaluation: plain slices, no copies
+def shard_rows(n: int, rank: int = 0, world: int = 1, shuffle_seed: int | None = None) -> torch.Tensor:
+    """This rank's rows, dealt as DistributedSampler deals them. Shuffled: one permutation from
+    shuffle_seed (seed + epoch), the same on every rank, padded to equal shares so every rank takes
+    the same number of steps. Unshuffled (evaluation): every world-th row, no padding."""
+    if shuffle_seed is None:
+        return torch.arange(rank, n, world)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
+    padded = torch.cat([order, order[: math.ceil(n / world) * world - n]])
+    return padded[rank::world]
+
+
+def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, rows: torch.Tensor | None = None):
+    """Batches cut from in-memory tensors, in the order of `rows` (all rows in order when None):
+    one indexing op a batch, no per-row fetch and collate."""
+    if rows is None:
         for start in range(0, len(x), batch_size):
             yield x[start:start + batch_size], y[start:start + batch_size]
         return
-    for rows in torch.randperm(len(x), generator=generator).to(x.device).split(batch_size):
-        yield x[rows], y[rows]
+    for batch in rows.to(x.device).split(batch_size):
+        yield x[batch], y[batch]
 
 
-def loader_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
-                   generator: torch.Generator | None = None, num_workers: int = 0):
+def loader_batches(x: torch.Tensor, y: torch.Tensor, cfg: TrainingConfig, device: torch.device,
+                   epoch: int | None, rank: int = 0, world: int = 1):
     """The same batches, in the same order, through a torch DataLoader over host memory. Pinned
     pages let the copy to the GPU run alongside compute (non_blocking)."""
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
 
-    order = torch.randperm(len(x), generator=generator) if generator is not None else torch.arange(len(x))
+    dataset = TensorDataset(x, y)
+    if epoch is None:
+        rows = shard_rows(len(x), rank, world).tolist()
+    else:
+        rows = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+        rows.set_epoch(epoch)
     # A private generator for the workers' base seed: otherwise each epoch's iterator draws it from
     # the global RNG, shifting dropout's stream and so breaking exact resume.
-    loader = DataLoader(TensorDataset(x, y), sampler=order.split(batch_size), batch_size=None,
-                        num_workers=num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+    loader = DataLoader(dataset, sampler=BatchSampler(rows, cfg.batch_size, drop_last=False), batch_size=None,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
     for xb, yb in loader:
         yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
 
 
-def epoch_batches(split: tuple, cfg: TrainingConfig, device: torch.device, generator=None):
-    """One pass over a split, shuffled when given a generator, by the path cfg.loader names."""
-    if cfg.loader == "memory":
-        return iterate_batches(*split, cfg.batch_size, generator)
-    return loader_batches(*split, cfg.batch_size, device, generator, cfg.num_workers)
+def epoch_batches(split: tuple, cfg: TrainingConfig, device: torch.device, epoch: int | None = None,
+                  rank: int = 0, world: int = 1):
+    """This rank's pass over a split: shuffled for `epoch`, or in order for evaluation (None)."""
+    x, y = split
+    if cfg.loader == "dataloader":
+        return loader_batches(x, y, cfg, device, epoch, rank, world)
+    if epoch is None and world == 1:
+        return iterate_batches(x, y, cfg.batch_size)
+    seed = None if epoch is None else cfg.seed + epoch
+    return iterate_batches(x, y, cfg.batch_size, shard_rows(len(x), rank, world, seed))
 
 
 # ----------------------------------------------------------------------------- model
@@ -470,19 +500,52 @@ def make_scheduler(optimizer, cfg: TrainingConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None,
-                    amp_dtype=None, grad_clip: float = 0.0, loss_fn=F.cross_entropy) -> float:
-    """One pass over `batches`; returns the training loss averaged over rows, not batches."""
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or max) a tensor over all ranks; in a single process, the tensor itself."""
+    if not dist.is_initialized():
+        return t
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = t.to(on)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return total.to(t.device)
+
+
+def with_last(items):
+    """Yield (item, is_last) pairs, so a loop over a generator knows its final item."""
+    iterator = iter(items)
+    try:
+        previous = next(iterator)
+    except StopIteration:
+        return
+    for item in iterator:
+        yield previous, False
+        previous = item
+    yield previous, True
+
+
+def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None, amp_dtype=None,
+                    grad_clip: float = 0.0, loss_fn=F.cross_entropy, accum_steps: int = 1) -> float:
+    """One pass over `batches`; returns the training loss averaged over rows (and ranks), not batches.
+
+    With accum_steps > 1 the optimizer steps once every accum_steps micro-batches (and at the end);
+    under DDP, only that last micro-batch's backward all-reduces gradients."""
     model.train()
     device = next(model.parameters()).device
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     loss_sum = torch.zeros((), device=device)  # stays on the device: no host sync per step
     rows = 0
-    for xb, yb in batches:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device, amp_dtype):
-            loss = loss_fn(model(xb), yb)
-        scaler.scale(loss).backward()  # float16 needs the scaler; for anything else it is a no-op
+    for i, ((xb, yb), last) in enumerate(with_last(batches)):
+        if i % accum_steps == 0:
+            optimizer.zero_grad(set_to_none=True)
+        step_now = last or (i + 1) % accum_steps == 0
+        with nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync():
+            with autocast(device, amp_dtype):
+                loss = loss_fn(model(xb), yb)
+            scaler.scale(loss / accum_steps).backward()  # float16 needs the scaler; otherwise it is a no-op
+        loss_sum.add_(loss.detach().float(), alpha=len(yb))  # one op; the sum is read once, at the end
+        rows += len(yb)
+        if not step_now:
+            continue
         if grad_clip > 0:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -490,27 +553,25 @@ def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None,
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        loss_sum.add_(loss.detach().float(), alpha=len(yb))  # one op; the sum is read once, at the end
-        rows += len(yb)
-    return (loss_sum / max(rows, 1)).item()
+    loss_sum, rows = all_reduce(torch.stack([loss_sum, torch.tensor(float(rows), device=device)])).tolist()
+    return loss_sum / max(rows, 1)
 
 
 @torch.inference_mode()
 def evaluate(model, batches, amp_dtype=None, loss_fn=F.cross_entropy) -> dict:
-    """Loss and accuracy over every row of `batches`, whatever the batch sizes."""
+    """Loss and accuracy over every row of `batches`, whatever the batch sizes; under DDP, over
+    every rank's rows, so all ranks report the same numbers."""
     model.eval()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
+    sums = torch.zeros(2, device=device)  # loss, correct: on the device until the end
     rows = 0
     for xb, yb in batches:
         with autocast(device, amp_dtype):
             out = model(xb).float()
-        loss_sum += loss_fn(out, yb, reduction="sum")
-        correct += (out.argmax(1) == yb).sum()
+        sums += torch.stack([loss_fn(out, yb, reduction="sum"), (out.argmax(1) == yb).sum()])
         rows += len(yb)
-    loss, acc = (torch.stack([loss_sum, correct]) / max(rows, 1)).tolist()
-    return {"loss": loss, "acc": acc}
+    loss_sum, correct, rows = all_reduce(torch.cat([sums, torch.tensor([float(rows)], device=device)])).tolist()
+    return {"loss": loss_sum / max(rows, 1), "acc": correct / max(rows, 1)}
 
 
 @torch.inference_mode()
@@ -530,9 +591,11 @@ RESUME_MUST_MATCH = ("dataset", "label_column", "val_fraction", "test_fraction",
 
 
 def save_file(path: Path, write) -> None:
-    """Every output goes through here. `write(f)` fills a temporary file beside `path`, which is
+    """Every output goes through here, on rank 0 only. `write(f)` fills a temporary file beside `path`, which is
     fsynced and then renamed over it: a kill at any instant leaves the old file or the new one,
     never half of one, and a failed write leaves the old one in place."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return  # one writer: under DDP every rank holds the same state, and rank 0 saves it
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -564,24 +627,28 @@ def model_state(model, data: dict, cfg: TrainingConfig, epoch: int) -> dict:
     }
 
 
-def rng_states(shuffle: torch.Generator) -> dict:
-    """Every random stream the run draws from, as plain values: resuming without them drifts."""
+def rng_states() -> list[dict]:
+    """Every random stream the run draws from, as plain values, one entry per rank (gathered
+    under DDP). Resuming without them drifts; shuffling needs none, being a function of seed and epoch."""
     numpy_state = np.random.get_state(legacy=False)
     numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # weights_only loads no ndarrays
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "shuffle": shuffle.get_state()}
+    mine = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if not dist.is_initialized():
+        return [mine]
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, mine)
+    return every_rank
 
 
-def restore_rng_states(states: dict, shuffle: torch.Generator) -> None:
+def restore_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     numpy_state = states["numpy"]
     numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
     np.random.set_state(numpy_state)
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    shuffle.set_state(states["shuffle"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -603,7 +670,8 @@ def load_weights(model, checkpoint: dict, path: Path) -> None:
         fail(f"{path} holds weights shaped for another model or data: {first_line(e)}")
 
 
-def resume(path: Path, cfg: TrainingConfig, data: dict, model, optimizer, scheduler, scaler, shuffle) -> dict | None:
+def resume(path: Path, cfg: TrainingConfig, data: dict, model, optimizer, scheduler, scaler,
+           rank: int = 0, world: int = 1) -> dict | None:
     """Restore everything last.pt holds and return its progress, or None when there is no last.pt."""
     if not path.exists():
         log.info("resume: no %s yet, starting fresh", path)
@@ -621,7 +689,11 @@ def resume(path: Path, cfg: TrainingConfig, data: dict, model, optimizer, schedu
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_states(checkpoint["rng"], shuffle)
+        if len(checkpoint["rng"]) == world:
+            restore_rng_states(checkpoint["rng"][rank])
+        else:
+            log.warning("resume: saved by %d rank(s), now %d: random streams restart from the seed",
+                        len(checkpoint["rng"]), world)
         progress = checkpoint["progress"]
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         fail(f"{path} cannot be resumed from (incomplete, or saved with other settings): {first_line(e)}")
@@ -632,10 +704,12 @@ def resume(path: Path, cfg: TrainingConfig, data: dict, model, optimizer, schedu
 # ----------------------------------------------------------------------------- report
 
 def classification_report(logits: torch.Tensor, y: torch.Tensor, classes: list) -> dict:
-    """Accuracy, confusion matrix (rows = true class) and per-class precision / recall / F1."""
+    """Accuracy, confusion matrix (rows = true class) and per-class precision / recall / F1, over
+    every rank's rows: each rank passes the outputs for its own share."""
     n = len(classes)
-    pred = logits.argmax(1)
-    cm = torch.bincount(y * n + pred, minlength=n * n).reshape(n, n)
+    cm = all_reduce(torch.bincount(y * n + logits.argmax(1), minlength=n * n).reshape(n, n))
+    loss_sum = all_reduce(F.cross_entropy(logits, y, reduction="sum")).item()
+    rows = int(cm.sum())
     per_class = {}
     for i, name in enumerate(classes):
         tp, predicted, actual = cm[i, i].item(), cm[:, i].sum().item(), cm[i].sum().item()
@@ -644,9 +718,8 @@ def classification_report(logits: torch.Tensor, y: torch.Tensor, classes: list) 
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[str(name)] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
     return {
-        "accuracy": (pred == y).float().mean().item(),
-        "loss": F.cross_entropy(logits, y).item(),
-        "rows": len(y), "classes": classes, "confusion_matrix": cm.tolist(), "per_class": per_class,
+        "accuracy": cm.trace().item() / max(rows, 1), "loss": loss_sum / max(rows, 1),
+        "rows": rows, "classes": classes, "confusion_matrix": cm.tolist(), "per_class": per_class,
     }
 
 
@@ -730,24 +803,58 @@ def check_finite(epoch: int, losses: dict, best_path: Path, best_epoch: int) -> 
                  f"in the data. Nothing from this epoch was saved; {kept}")
 
 
+@contextmanager
+def distributed(cfg: TrainingConfig):
+    """Under torchrun (RANK and WORLD_SIZE set): join the process group (nccl on CUDA, gloo
+    otherwise), pin this rank to its local GPU, and leave the group however the run ends.
+    Yields (device, rank, world size); outside torchrun, (the chosen device, 0, 1)."""
+    device = get_best_device(cfg.device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        yield device, 0, 1
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device, dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_config(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # no-op if already set up
     log.setLevel(logging.INFO)
     validate_config(cfg)
-    device = get_best_device(cfg.device)
+    with distributed(cfg) as (device, rank, world):
+        if rank != 0:
+            log.setLevel(logging.ERROR)  # one voice: rank 0 logs, writes and plots
+        return train_and_test(cfg, argv, device, rank, world)
+
+
+def train_and_test(cfg: TrainingConfig, argv: list[str], device: torch.device, rank: int = 0, world: int = 1) -> dict:
     amp_dtype = resolve_amp_dtype(cfg, device)
     checkpoint_dir, output_dir = Path(cfg.checkpoint_dir), Path(cfg.output_dir)
     best_path, last_path = checkpoint_dir / "best_model.pt", checkpoint_dir / "last.pt"
-    for folder in (checkpoint_dir, output_dir):  # fail now rather than after the first checkpoint is replaced
+    for folder in (checkpoint_dir, output_dir) if rank == 0 else ():  # fail before any checkpoint is replaced
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             fail(f"cannot create the folder {folder}: {e.strerror or e}")
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + rank)  # DDP copies rank 0's initial weights; the offset decorrelates dropout
 
+    if rank > 0:
+        barrier()  # rank 0 builds the dataset caches first; the other ranks then read them
     data = prepare_data(cfg)
+    if rank == 0:
+        barrier()
     cfg = replace(cfg, loader=choose_loader(cfg, device, data))
     train_split, val_split = data["train"], data["val"]
     if cfg.loader == "memory":  # put the data on the device once, not batch by batch
@@ -759,19 +866,26 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x the float32 throughput on Ampere+
     model = TinyMLP(len(data["features"]), len(data["classes"])).to(device)
-    step_model = torch.compile(model) if cfg.compile else model  # checkpoints save `model`: no _orig_mod. prefix
+    eval_model = torch.compile(model) if cfg.compile else model  # checkpoints save `model`: no prefixes
+    train_model = eval_model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
     # The fused kernel updates every parameter in one call: about 2x faster than the default on CPU.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=math.ceil(len(train_split[0]) / cfg.batch_size))
+    batches_per_epoch = math.ceil(math.ceil(len(train_split[0]) / world) / cfg.batch_size)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=math.ceil(batches_per_epoch / cfg.grad_accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
     progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "stale": 0, "history": []}
     if cfg.resume:
-        progress = resume(last_path, cfg, data, model, optimizer, scheduler, scaler, shuffle) or progress
+        progress = resume(last_path, cfg, data, model, optimizer, scheduler, scaler, rank, world) or progress
     history = progress["history"]
-    log.info("device: %s, amp: %s, %d parameters", device, amp_dtype or "off",
-             sum(p.numel() for p in model.parameters()))
+    log.info("device: %s%s, amp: %s, %d parameters; batch %d x %d accumulation x %d rank(s) = effective batch %d",
+             device, " (torchrun DDP)" if world > 1 else "", amp_dtype or "off",
+             sum(p.numel() for p in model.parameters()), cfg.batch_size, cfg.grad_accum_steps, world,
+             cfg.batch_size * cfg.grad_accum_steps * world)
 
     with stop_on_signals() as stop:
         for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
@@ -779,11 +893,14 @@ def main(argv: list[str] | None = None) -> dict:
                 log.info("early stop: no better val loss in %d epochs", progress["stale"])
                 break
             started = time.perf_counter()
-            batches = until_stopped(epoch_batches(train_split, cfg, device, shuffle), stop)
-            train_loss = train_one_epoch(step_model, batches, optimizer, scheduler, scaler, amp_dtype, cfg.grad_clip)
+            batches = epoch_batches(train_split, cfg, device, epoch, rank, world)
+            if world == 1:  # alone, stop after the current step; under DDP, ranks agree at the epoch's end
+                batches = until_stopped(batches, stop)
+            train_loss = train_one_epoch(train_model, batches, optimizer, scheduler, scaler, amp_dtype,
+                                         cfg.grad_clip, accum_steps=cfg.grad_accum_steps)
             if stop["cut"]:
                 break  # an unfinished epoch is dropped whole: last.pt keeps the one before, so resume is exact
-            val = evaluate(step_model, epoch_batches(val_split, cfg, device), amp_dtype)
+            val = evaluate(eval_model, epoch_batches(val_split, cfg, device, None, rank, world), amp_dtype)
             check_finite(epoch, {"training": train_loss, "validation": val["loss"]}, best_path, progress["best_epoch"])
             history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_acc": val["acc"],
                             "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started})
@@ -796,17 +913,18 @@ def main(argv: list[str] | None = None) -> dict:
                 progress["stale"] += 1
             save_checkpoint(last_path, {**model_state(model, data, cfg, epoch),
                                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                        "scaler": scaler.state_dict(), "rng": rng_states(shuffle),
-                                        "progress": progress})
+                                        "scaler": scaler.state_dict(), "rng": rng_states(), "progress": progress})
             write_json(output_dir / "history.json", history)
             if epoch == 1 or epoch % cfg.log_every == 0 or epoch == cfg.epochs:
                 log.info("epoch %3d/%d  train loss %.4f  val loss %.4f  val acc %.3f  lr %.2e  %.2fs",
                          epoch, cfg.epochs, train_loss, val["loss"], val["acc"], history[-1]["lr"],
                          history[-1]["seconds"])
+            if world > 1:
+                stop["signal"] = int(all_reduce(torch.tensor(stop["signal"] or 0), "max")) or None
             if stop["signal"] is not None:
                 break
 
-    if history:
+    if history and rank == 0:
         plot_history(history, progress["best_epoch"], output_dir / "loss_curve.png")
     if stop["signal"] is not None:
         again = shlex.join(["python", "train.py", *[a for a in argv if a != "--resume"], "--resume"])
@@ -815,13 +933,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(128 + stop["signal"])
 
     # The test split is touched once, by the best checkpoint, after all choices are made.
+    barrier()  # rank 0's best_model.pt is complete before any rank reads it
     load_weights(model, load_checkpoint(best_path), best_path)
     x_test, y_test = data["test"]
-    logits = predict(step_model, x_test, cfg.batch_size, amp_dtype)
-    report = classification_report(logits, y_test, data["classes"])
+    mine = shard_rows(len(x_test), rank, world)
+    logits = predict(eval_model, x_test[mine], cfg.batch_size, amp_dtype)
+    report = classification_report(logits, y_test[mine], data["classes"])
     report["best_epoch"] = progress["best_epoch"]
     write_json(output_dir / "test_report.json", report)
-    log_report(report, logits, y_test, x_test * data["std"] + data["mean"])
+    log_report(report, logits, y_test[mine], x_test[mine] * data["std"] + data["mean"])
 
     written = [best_path, last_path] + [output_dir / n for n in ("history.json", "loss_curve.png", "test_report.json")]
     log.info("best epoch %d (val loss %.4f); test accuracy %.4f",
