@@ -286,7 +286,7 @@ def device_name(device: torch.device) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs per loop and size")
-    parser.add_argument("--runs", type=int, default=5, help="end-to-end runs per script")
+    parser.add_argument("--runs", type=int, default=7, help="end-to-end runs per script")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs")
     summary = []

@@ -6,6 +6,7 @@ something a broken training loop would get wrong.
 
 import copy
 import errno
+import importlib.util
 import json
 import os
 import re
@@ -75,7 +76,7 @@ def model_without_dropout(data: dict) -> train.TinyMLP:
 def test_default_run_writes_every_file_and_learns(default_run):
     root, summary = default_run
     for path in ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/history.json",
-                 "training-loop/loss_curve.png", "training-loop/test_report.json"]:
+                 "training-loop/loss_curve.png", "training-loop/confusion_matrix.png", "training-loop/test_report.json"]:
         assert (root / path).stat().st_size > 0, path
     history = json.loads((root / "training-loop/history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, 51))
@@ -112,7 +113,7 @@ def test_checkpoints_load_with_weights_only(default_run):
     assert best["features"] == ["SepalLengthCm", "SepalWidthCm", "PetalLengthCm", "PetalWidthCm"]
     assert {"model", "epoch", "optimizer", "scheduler", "scaler", "rng", "progress"} <= set(last)
     assert {"best_loss", "best_epoch", "stale", "history"} <= set(last["progress"])
-    assert last["epoch"] == 50 and len(last["progress"]["history"]) == 50
+    assert last["epoch"] == 50 and len(json.loads(last["progress"]["history"])) == 50
 
 
 def readme_predict_snippet() -> str:
@@ -152,6 +153,8 @@ def test_cli_run_is_offline_and_builds_its_cache_from_the_bundled_copy(tmp_path)
                                 env={**env, "PYTHONPATH": str(REPO)}, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr and "test accuracy" in result.stderr
+        # stderr is a pipe here, not a terminal: plain log lines, no progress bar
+        assert "\r" not in result.stderr and "epoch/s" not in result.stderr and "epoch   1/2" in result.stderr
     assert (tmp_path / "datasets" / "scikit-learn___iris").is_dir()
 
 
@@ -297,7 +300,7 @@ def test_readme_table_documents_every_field():
 def final_state(root: Path) -> tuple[dict, list]:
     """A run's final weights and its history without the wall-clock seconds."""
     last = torch.load(root / "checkpoints/last.pt", weights_only=True)
-    history = [{k: v for k, v in h.items() if k != "seconds"} for h in last["progress"]["history"]]
+    history = [{k: v for k, v in h.items() if k != "seconds"} for h in json.loads(last["progress"]["history"])]
     on_disk = json.loads((root / "training-loop/history.json").read_text())
     assert history == [{k: v for k, v in h.items() if k != "seconds"} for h in on_disk]
     return last["model"], history
@@ -578,7 +581,7 @@ def test_bench_loops_do_the_same_work():
 # ----------------------------------------------------------------------------- scaling out
 
 RANK_WEIGHTS = """
-import sys
+import os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, {repo!r})
 import train
@@ -592,6 +595,8 @@ def record_then_load(model, checkpoint, path):
 
 train.load_weights = record_then_load
 train.main(sys.argv[1:])
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)  # skip torch's slow teardown, as train.py itself does
 """
 
 
@@ -613,8 +618,8 @@ def test_torchrun_two_cpu_processes_train_as_one(tmp_path):
     assert output.count("epoch   1/50") == 1 and "effective batch 32" in output  # rank 0 alone logs
     written = sorted(str(p.relative_to(tmp_path)) for d in ("checkpoints", "training-loop")
                      for p in (tmp_path / d).iterdir())
-    assert written == ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/history.json",
-                       "training-loop/loss_curve.png", "training-loop/test_report.json"]
+    assert written == ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/confusion_matrix.png",
+                       "training-loop/history.json", "training-loop/loss_curve.png", "training-loop/test_report.json"]
     best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in best["model"])  # loads in a single process
     # What the ranks logged together equals a single-process evaluation of the saved model.
@@ -662,6 +667,162 @@ def test_epoch_shards_follow_distributed_sampler(iris):
         assert train.shard_rows(103, rank, 2, shuffle_seed=42 + 7).tolist() == list(sampler)
     shares = [set(train.shard_rows(103, r, 2).tolist()) for r in (0, 1)]  # evaluation: disjoint, complete
     assert not shares[0] & shares[1] and shares[0] | shares[1] == set(rows)
+
+
+# ----------------------------------------------------------------------------- your own data
+
+def blobs_csv(path: Path, rows_per_class: int = 60) -> Path:
+    """Three separable blobs, the label first and as text, an id column the model must ignore."""
+    rng = np.random.default_rng(1)
+    lines = ["kind,sample_id,width,height,depth"]
+    for kind, centre in (("small", (0, 0, 0)), ("medium", (4, 4, 0)), ("large", (0, 4, 4))):
+        for i, point in enumerate(rng.normal(centre, 0.8, size=(rows_per_class, 3))):
+            lines.append(f"{kind},{len(lines)},{point[0]:.4f},{point[1]:.4f},{point[2]:.4f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def linear_csv(path: Path) -> Path:
+    """target = 3a - 2b + 0.5c + 10, plus noise; the label is the last column."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(600, 3))
+    y = 3 * x[:, 0] - 2 * x[:, 1] + 0.5 * x[:, 2] + 10 + rng.normal(scale=0.3, size=600)
+    path.write_text("a,b,c,target\n" + "".join(f"{r[0]:.5f},{r[1]:.5f},{r[2]:.5f},{t:.5f}\n" for r, t in zip(x, y)))
+    return path
+
+
+def test_a_csv_with_the_label_first_and_text_classes_trains_by_flags_alone(tmp_path):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    summary = train.main(dirs(tmp_path) + ["--dataset", str(source), "--label-column", "kind", "--epochs", "30"])
+    assert summary["test_accuracy"] >= 0.9
+    best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
+    assert best["features"] == ["width", "height", "depth"] and best["classes"] == ["large", "medium", "small"]
+    assert best["model"]["net.6.weight"].shape[0] == 3  # sized from the data
+    assert (tmp_path / "training-loop/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_feature_columns_choose_the_inputs(tmp_path):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    train.main(dirs(tmp_path) + ["--dataset", str(source), "--label-column", "kind", "--epochs", "2",
+                                 "--feature-columns", "depth,width"])
+    best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
+    assert best["features"] == ["depth", "width"] and best["model"]["net.0.weight"].shape[1] == 2
+    with pytest.raises(SystemExit, match="weight cannot be used as features"):
+        train.main(dirs(tmp_path) + ["--dataset", str(source), "--label-column", "kind", "--feature-columns", "weight"])
+
+
+def test_regression_learns_a_noisy_linear_target_and_predicts_near_the_truth(tmp_path, monkeypatch, capsys):
+    source = linear_csv(tmp_path / "linear.csv")
+    summary = train.main(dirs(tmp_path) + ["--dataset", str(source), "--label-column", "target", "--task", "auto"])
+    report = json.loads((tmp_path / "training-loop/test_report.json").read_text())
+    assert report["task"] == "regression" and report["r2"] >= 0.95 and report == summary["report"]
+    assert report["rmse"] < 1.0 and report["mae"] < 1.0  # in the label's units: the noise is 0.3
+    history = json.loads((tmp_path / "training-loop/history.json").read_text())
+    assert {"val_rmse", "val_mae", "val_r2"} <= set(history[-1]) and "val_acc" not in history[-1]
+    assert (tmp_path / "training-loop/predictions.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    lines = train.main(["--checkpoint-dir", str(tmp_path / "checkpoints"), "--predict", "1,0,-1;0,1,0"])["predictions"]
+    assert capsys.readouterr().out.splitlines() == lines
+    predicted = [float(line.split("->")[1]) for line in lines]
+    assert predicted == pytest.approx([12.5, 8.0], abs=0.5)  # the noise-free values
+
+
+def test_a_continuous_label_is_not_taken_for_classes(tmp_path):
+    source = linear_csv(tmp_path / "linear.csv")
+    with pytest.raises(SystemExit, match="continuous values .* use --task regression"):
+        train.main(dirs(tmp_path) + ["--dataset", str(source), "--label-column", "target"])
+
+
+# ----------------------------------------------------------------------------- predicting, evaluating
+
+def test_predict_from_the_command_line_reads_rows_and_csv_files(default_run, tmp_path):
+    root, _ = default_run
+    checkpoint = ["--checkpoint-dir", str(root / "checkpoints")]
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *checkpoint,
+                             "--predict", "5.1,3.5,1.4,0.2;6.7,3.0,5.2,2.3"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()  # one line per row, on stdout
+    assert len(lines) == 2 and lines[0].startswith("5.1, 3.5, 1.4, 0.2 -> Iris-setosa (")
+    assert "-> Iris-virginica (" in lines[1]
+    rows = tmp_path / "rows.csv"  # a header in another order, and a column the model does not use
+    rows.write_text("PetalWidthCm,Species,SepalLengthCm,SepalWidthCm,PetalLengthCm\n0.2,?,5.1,3.5,1.4\n")
+    assert train.main(checkpoint + ["--predict", str(rows)])["predictions"] == [lines[0]]
+    assert not (tmp_path / "training-loop").exists()  # trains nothing, writes nothing
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("5.1,3.5,1.4", "row 1 has 3 values; expected 4 values: SepalLengthCm, SepalWidthCm, PetalLengthCm, PetalWidthCm"),
+    ("5.1,3.5,1.4,0.2;1,2", "row 2 has 2 values"),
+    ("5.1,3.5,x,0.2", "not a number"),
+])
+def test_predict_with_the_wrong_values_fails_clearly(default_run, rows, message):
+    root, _ = default_run
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--checkpoint-dir", str(root / "checkpoints"), "--predict", rows])
+    error = exit_info.value.code
+    assert error.startswith("error: --predict") and "\n" not in error and message in error
+
+
+def test_eval_only_rewrites_the_report_and_plots_without_training(tmp_path):
+    train.main(dirs(tmp_path) + ["--epochs", "5"])
+    report_path = tmp_path / "training-loop/test_report.json"
+    before = json.loads(report_path.read_text())
+    checkpoints = {p: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    history = (tmp_path / "training-loop/history.json").read_bytes()
+    report_path.write_text("{}")
+    (tmp_path / "training-loop/confusion_matrix.png").unlink()
+    summary = train.main(dirs(tmp_path) + ["--epochs", "5", "--eval-only"])
+    assert json.loads(report_path.read_text()) == before == {k: summary["report"][k] for k in before}
+    assert (tmp_path / "training-loop/confusion_matrix.png").exists()
+    assert all(p.read_bytes() == content for p, content in checkpoints.items())  # nothing trained
+    assert (tmp_path / "training-loop/history.json").read_bytes() == history
+    with pytest.raises(SystemExit, match="seed"):
+        train.main(dirs(tmp_path) + ["--eval-only", "--seed", "3"])  # another test split: refused
+
+
+# ----------------------------------------------------------------------------- progress and TensorBoard
+
+def test_a_terminal_gets_a_progress_bar(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a size
+    run = subprocess.Popen([sys.executable, str(REPO / "train.py"), *dirs(tmp_path), "--epochs", "3"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the run closed its end of the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    assert run.wait(timeout=120) == 0
+    text = screen.decode(errors="replace")
+    assert "3/3" in text and "\r" in text and "train_loss=" in text
+    assert "test accuracy" in text  # the log lines still come, above the bar
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_writes_an_event_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.main(dirs(tmp_path) + ["--epochs", "3", "--tensorboard"])
+    events = list((tmp_path / "runs").glob("iris-*/events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_tensorboard_missing_is_one_clear_line_and_no_failure(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    train.main(dirs(tmp_path) + ["--epochs", "2", "--tensorboard"])
+    assert "pip install tensorboard" in caplog.text
+    assert not (tmp_path / "runs").exists()
 
 
 if __name__ == "__main__":
