@@ -9,7 +9,7 @@ and a command-line flag (`python train.py --help`): any table by flags
 for several processes, all without code changes.
 
 The file reads top to bottom in the order the work happens:
-config -> device -> data -> model -> step/epoch -> checkpoint -> report -> main.
+config -> device -> data -> model -> step/epoch -> checkpoint -> report -> predict -> main.
 The two places you are expected to swap are marked "SWAP HERE".
 """
 
