@@ -616,25 +616,19 @@ def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None, amp_
     return loss_sum / max(rows, 1)
 
 
-@torch.inference_mode()
-def evaluate(model, batches, amp_dtype=None, task: str = "classification", target_std: float = 1.0) -> dict:
-    """Loss and metrics over every row of `batches`, whatever the batch sizes; under DDP, over every
-    rank's rows, so all ranks report the same numbers. Classification: loss (cross-entropy) and
-    acc. Regression: loss (MSE of the standardized target), and rmse, mae (in the label's units), r2."""
-    model.eval()
-    device = next(model.parameters()).device
-    sums = torch.zeros(2 if task == "classification" else 4, device=device)  # on the device until the end
-    rows = 0
-    for xb, yb in batches:
-        with autocast(device, amp_dtype):
-            out = model(xb).float()
-        if task == "classification":
-            sums += torch.stack([F.cross_entropy(out, yb, reduction="sum"), (out.argmax(1) == yb).sum()])
-        else:
-            error = out.squeeze(-1) - yb
-            sums += torch.stack([error.square().sum(), error.abs().sum(), yb.sum(), yb.square().sum()])
-        rows += len(yb)
-    *totals, rows = all_reduce(torch.cat([sums, torch.tensor([float(rows)], device=device)])).tolist()
+def batch_sums(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """What evaluation adds up, batch by batch. Classification: loss, correct. Regression: squared
+    error, absolute error, sum of y, sum of y squared (all standardized)."""
+    if task == "classification":
+        return torch.stack([F.cross_entropy(out, y, reduction="sum"), (out.argmax(1) == y).sum()])
+    error = out.squeeze(-1) - y
+    return torch.stack([error.square().sum(), error.abs().sum(), y.sum(), y.square().sum()])
+
+
+def metrics(sums: torch.Tensor, rows: int, task: str, target_std: float = 1.0) -> dict:
+    """Sums (and the row count) over every rank, turned into loss and metrics. Regression's rmse
+    and mae are in the label's units; its loss is the MSE of the standardized target."""
+    *totals, rows = all_reduce(torch.cat([sums, torch.tensor([float(rows)], device=sums.device)])).tolist()
     rows = max(rows, 1)
     if task == "classification":
         return {"loss": totals[0] / rows, "acc": totals[1] / rows}
@@ -642,6 +636,23 @@ def evaluate(model, batches, amp_dtype=None, task: str = "classification", targe
     spread = y_squares - y_sum**2 / rows  # sum of squared deviations from the mean
     return {"loss": squared / rows, "rmse": math.sqrt(squared / rows) * target_std,
             "mae": absolute / rows * target_std, "r2": 1 - squared / spread if spread > 0 else 0.0}
+
+
+@torch.inference_mode()
+def evaluate(model, batches, amp_dtype=None, task: str = "classification", target_std: float = 1.0) -> dict:
+    """Loss and metrics over every row of `batches`, whatever the batch sizes; under DDP, over every
+    rank's rows, so all ranks report the same numbers. Classification: loss (cross-entropy) and
+    acc. Regression: loss, rmse, mae, r2 (see metrics)."""
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(2 if task == "classification" else 4, device=device)  # on the device until the end
+    rows = 0
+    for xb, yb in batches:
+        with autocast(device, amp_dtype):
+            out = model(xb).float()
+        sums += batch_sums(out, yb, task)
+        rows += len(yb)
+    return metrics(sums, rows, task, target_std)
 
 
 @torch.inference_mode()
@@ -1151,11 +1162,11 @@ def train_and_test(cfg: TrainingConfig, argv: list[str], device: torch.device, r
                                         # the history as JSON text: one string, not a pickled object a value
                                         "progress": {**progress, "history": json.dumps(history)}})
             write_json(output_dir / "history.json", history)
-            metrics = "  ".join(f"{k} {v:.4f}" if k.endswith("loss") else f"{k} {v:.4g}"
-                                for k, v in history[-1].items() if k.startswith("val_"))
+            val_text = "  ".join(f"{k} {v:.4f}" if k.endswith("loss") else f"{k} {v:.4g}"
+                                 for k, v in history[-1].items() if k.startswith("val_"))
             if epoch == 1 or epoch % cfg.log_every == 0 or epoch == cfg.epochs:
                 log.info("epoch %3d/%d  train_loss %.4f  %s  lr %.2e  %.2fs", epoch, cfg.epochs, train_loss,
-                         metrics, history[-1]["lr"], history[-1]["seconds"])
+                         val_text, history[-1]["lr"], history[-1]["seconds"])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(train_loss=f"{train_loss:.4g}", val_loss=f"{val['loss']:.4g}")
@@ -1186,9 +1197,9 @@ def train_and_test(cfg: TrainingConfig, argv: list[str], device: torch.device, r
         report = {"task": task, **classification_report(outputs, y_test[mine], data["classes"])}
         figure_path = output_dir / "confusion_matrix.png"
     else:
-        test_rows = [(x_test[mine].to(device), y_test[mine].to(device))]
-        report = {"task": task, "target": cfg.label_column,
-                  **evaluate(eval_model, test_rows, amp_dtype, task, data["target_std"]), "rows": len(x_test)}
+        sums = batch_sums(outputs, y_test[mine], task)
+        report = {"task": task, "target": cfg.label_column, **metrics(sums, len(mine), task, data["target_std"]),
+                  "rows": len(x_test)}
         figure_path = output_dir / "predictions.png"
     report["best_epoch"] = progress["best_epoch"]
     write_json(output_dir / "test_report.json", report)
