@@ -657,7 +657,7 @@ def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_b(iris):
     assert not torch.allclose(next(whole.parameters()), next(stepped_every_batch.parameters()))
 
 
-def test_epoch_shards_follow_distributed_sampler(iris):
+def test_epoch_shards_follow_distributed_sampler():
     from torch.utils.data import DistributedSampler
 
     rows = list(range(103))  # not divisible by 2: the last share is padded, as DistributedSampler pads it
