@@ -367,7 +367,7 @@ def source_fingerprint(cfg: TrainingConfig) -> dict | None:
     files = [path] if path.is_file() else sorted(f for f in saved.rglob("*") if f.is_file())
     if not files:
         return None
-    return {"version": PREPARED_VERSION, "label_column": cfg.label_column,
+    return {"version": PREPARED_VERSION,  # the label and feature columns are in the cache file's name
             "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
@@ -397,9 +397,8 @@ def load_prepared(cfg: TrainingConfig) -> dict:
     return prepared
 
 
-def resolve_task(cfg: TrainingConfig, y: np.ndarray, names: list | None) -> str:
+def resolve_task(cfg: TrainingConfig, y: np.ndarray, names: list | None, distinct: int) -> str:
     """A float label with many distinct values is a regression target; anything else has classes."""
-    distinct = len(np.unique(y)) if names is None else len(names)
     continuous = names is None and y.dtype.kind == "f" and distinct > 20
     if cfg.task == "auto":
         return "regression" if continuous else "classification"
@@ -422,24 +421,23 @@ def prepare_data(cfg: TrainingConfig) -> dict:
     """
     prepared = load_prepared(cfg)
     x, y, names = prepared["x"].numpy(), prepared["y"].numpy(), prepared["names"]
-    task = resolve_task(cfg, y, names)
+    values, ids = np.unique(y, return_inverse=True) if names is None else (names, y)  # one sort of the labels
+    task = resolve_task(cfg, y, names, len(values))
     classes = []
-    if task == "classification":
-        if names is None:  # numeric labels: the sorted distinct values are the classes
-            values, y = np.unique(y, return_inverse=True)
-            names = values.tolist()
-        classes = names
+    if task == "classification":  # numeric labels: the sorted distinct values are the classes
+        classes, y = (values.tolist() if names is None else names), ids
         if len(classes) < 2:
             fail(f"column {cfg.label_column!r} holds a single class ({classes[0]!r}); a classifier needs two or more")
         log.info("classes: %s", ", ".join(f"#{i} {c}" for i, c in enumerate(classes)))
     splits = split_indices(y if task == "classification" else np.zeros(len(y), dtype=np.int64),
                            cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    mean = x[splits["train"]].mean(axis=0)
-    std = x[splits["train"]].std(axis=0)
+    train_x = x[splits["train"]]
+    mean, std = train_x.mean(axis=0), train_x.std(axis=0)
     std[std == 0] = 1.0  # a constant feature stays 0 instead of dividing by zero
     target_mean, target_std = 0.0, 1.0
     if task == "regression":  # a standardized target keeps the loss near 1, whatever the label's units
-        target_mean, target_std = float(y[splits["train"]].mean()), float(y[splits["train"]].std() or 1.0)
+        train_y = y[splits["train"]]
+        target_mean, target_std = float(train_y.mean()), float(train_y.std() or 1.0)
         y = ((y - target_mean) / target_std).astype(np.float32)
     data = {"task": task, "features": prepared["features"], "classes": classes, "splits": splits,
             "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
@@ -760,10 +758,11 @@ def load_weights(model, checkpoint: dict, path: Path) -> None:
 
 def check_same_data(checkpoint: dict, path: Path, cfg: TrainingConfig, data: dict) -> None:
     """Refuse a checkpoint from a run on other data: its splits, features or classes differ."""
-    keys = (*RESUME_MUST_MATCH, "task", "features", "classes")
-    saved = {**checkpoint["config"], **{k: checkpoint.get(k) for k in keys[-3:]}}
-    current = {**asdict(cfg), **{k: data[k] for k in keys[-3:]}}
-    differ = [f"{k} ({saved.get(k)!r} there, {current[k]!r} now)" for k in keys if saved.get(k) != current[k]]
+    derived = ("task", "features", "classes")  # recorded beside the config, derived from the data
+    saved = {**checkpoint["config"], **{k: checkpoint.get(k) for k in derived}}
+    current = {**asdict(cfg), **{k: data[k] for k in derived}}
+    differ = [f"{k} ({saved.get(k)!r} there, {current[k]!r} now)"
+              for k in (*RESUME_MUST_MATCH, *derived) if saved.get(k) != current[k]]
     if differ:
         fail(f"{path} belongs to a run on other data: {'; '.join(differ)}. "
              "Use the same values, or start fresh with another --checkpoint-dir")
