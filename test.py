@@ -1,7 +1,12 @@
 """Smoke checks for train.py: `python -m pytest -q test.py` (or `python test.py`).
 
-Every test runs in temporary folders, never touches the network, and checks
-something a broken training loop would get wrong.
+They check the training loop, not this project's defaults: every test builds its own
+data (small generated tables, or the bundled Iris passed explicitly) and passes every
+flag it depends on, so they hold in your copy after you change TrainingConfig's
+defaults or swap the model in build_model. Tests of files beside the script (the
+README's snippet, bench.py, the bundled Iris) skip when those files are absent. Every
+test runs in temporary folders, never touches the network, and checks something a
+broken training loop would get wrong.
 """
 
 import copy
@@ -14,17 +19,26 @@ import signal
 import socket
 import subprocess
 import sys
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import train
 
 REPO = Path(__file__).resolve().parent
 IRIS_CSV = REPO / "datasets" / "Iris.csv"
+README = REPO / "README.md"
+# Said by the tests whose check only holds for a model whose outputs for a row do not depend
+# on the other rows of its batch. BatchNorm in training mode breaks that (and under DDP it keeps
+# per-rank statistics unless converted to SyncBatchNorm).
+BATCH_INDEPENDENT = ("this check needs a model whose output for a row does not depend on the other rows "
+                     "of the batch; BatchNorm in training mode (or its per-rank statistics under DDP) breaks that")
 
 
 @pytest.fixture(autouse=True)
@@ -41,147 +55,261 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", connect)
 
 
+# ----------------------------------------------------------------------------- inputs the tests build
+
+def blobs_csv(path: Path, rows_per_class: int = 40, seed: int = 1) -> Path:
+    """Three separable blobs, the label first and as text, an id column the model must ignore.
+    Features have 4 decimals drawn from a normal: no two rows are equal."""
+    rng = np.random.default_rng(seed)
+    lines = ["kind,sample_id,width,height,depth"]
+    for kind, centre in (("small", (0, 0, 0)), ("medium", (4, 4, 0)), ("large", (0, 4, 4))):
+        for point in rng.normal(centre, 0.8, size=(rows_per_class, 3)):
+            lines.append(f"{kind},{len(lines)},{point[0]:.4f},{point[1]:.4f},{point[2]:.4f}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def raw_features(path: Path) -> np.ndarray:
+    """A blobs table's feature columns, read without train.py, as an independent reference."""
+    return np.loadtxt(path, delimiter=",", skiprows=1, usecols=(2, 3, 4), dtype=np.float32)
+
+
+def linear_csv(path: Path) -> Path:
+    """target = 3a - 2b + 0.5c + 10, plus noise; the label is the last column."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(600, 3))
+    y = 3 * x[:, 0] - 2 * x[:, 1] + 0.5 * x[:, 2] + 10 + rng.normal(scale=0.3, size=600)
+    path.write_text("a,b,c,target\n" + "".join(f"{r[0]:.5f},{r[1]:.5f},{r[2]:.5f},{t:.5f}\n" for r, t in zip(x, y)))
+    return path
+
+
 def dirs(root: Path) -> list[str]:
     """Flags that keep every file a run reads or writes under root."""
     return ["--datasets-dir", str(root / "datasets"), "--checkpoint-dir", str(root / "checkpoints"),
             "--output-dir", str(root / "training-loop")]
 
 
+def flags(root: Path, source, *extra: str, label: str = "kind", epochs: int = 20) -> list[str]:
+    """A full command line: every setting a test's assertions depend on is given here, so none of
+    TrainingConfig's defaults (yours to edit) matter. Later flags in `extra` override these."""
+    return [*dirs(root), "--dataset", str(source), "--label-column", label, "--feature-columns", "",
+            "--task", "classification", "--epochs", str(epochs), "--batch-size", "16", "--learning-rate", "0.01",
+            "--val-fraction", "0.2", "--test-fraction", "0.2", "--seed", "0", "--scheduler", "cosine",
+            "--grad-accum-steps", "1", "--early-stopping-patience", "0", "--loader", "auto", "--no-use-amp",
+            "--no-compile", "--no-resume", "--no-eval-only", "--log-every", "1", *extra]
+
+
+def config(source: Path, root: Path, **overrides) -> train.TrainingConfig:
+    """The config the tests' prepare_data calls use: the same data settings as flags()."""
+    return train.parse_config([*flags(root, source), *[a for k, v in overrides.items()
+                                                       for a in (f"--{k.replace('_', '-')}", str(v))]])
+
+
+def model_for(data: dict, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return train.build_model(len(data["features"]), len(data["classes"]) or 1, train.TrainingConfig())
+
+
+def params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two sets of rows hold the same rows, in any order."""
+    return sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))
+
+
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    """One default 50-epoch run, shared by the tests that inspect its outputs."""
-    root = tmp_path_factory.mktemp("default")
-    summary = train.main(dirs(root))
+def blobs(tmp_path_factory):
+    """A generated table, its prepared data, and its config."""
+    root = tmp_path_factory.mktemp("blobs")
+    source = blobs_csv(root / "blobs.csv")
+    cfg = config(source, root)
+    return source, cfg, train.prepare_data(cfg)
+
+
+@pytest.fixture(scope="module")
+def blobs_run(tmp_path_factory):
+    """One 20-epoch run on a generated table, shared by the tests that inspect its outputs."""
+    root = tmp_path_factory.mktemp("blobs_run")
+    source = blobs_csv(root / "blobs.csv")
+    return root, source, train.main(flags(root, source))
+
+
+@pytest.fixture(scope="module")
+def iris_run(tmp_path_factory):
+    """The bundled Iris, passed explicitly, with the recipe this repo documents."""
+    if not IRIS_CSV.is_file():
+        pytest.skip("no bundled datasets/Iris.csv beside test.py")
+    root = tmp_path_factory.mktemp("iris")
+    summary = train.main(flags(root, "scikit-learn/iris", "--val-fraction", "0.15", "--test-fraction", "0.15",
+                               "--seed", "42", label="Species", epochs=50))
     return root, summary
-
-
-@pytest.fixture(scope="module")
-def iris(tmp_path_factory):
-    cfg = train.TrainingConfig(datasets_dir=str(tmp_path_factory.mktemp("iris")))
-    return cfg, train.prepare_data(cfg)
-
-
-def raw_iris() -> np.ndarray:
-    """The four Iris features, read without train.py, as an independent reference."""
-    return np.loadtxt(IRIS_CSV, delimiter=",", skiprows=1, usecols=(1, 2, 3, 4), dtype=np.float32)
-
-
-def model_without_dropout(data: dict) -> train.TinyMLP:
-    torch.manual_seed(0)
-    return train.TinyMLP(len(data["features"]), len(data["classes"]), dropout=0.0)
 
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_default_run_writes_every_file_and_learns(default_run):
-    root, summary = default_run
+def test_a_run_writes_every_file_and_learns(blobs_run):
+    root, _, summary = blobs_run
     for path in ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/history.json",
                  "training-loop/loss_curve.png", "training-loop/confusion_matrix.png", "training-loop/test_report.json"]:
         assert (root / path).stat().st_size > 0, path
+    for png in ("loss_curve.png", "confusion_matrix.png"):
+        assert (root / "training-loop" / png).read_bytes()[:4] == b"\x89PNG"
     history = json.loads((root / "training-loop/history.json").read_text())
-    assert [h["epoch"] for h in history] == list(range(1, 51))
+    assert [h["epoch"] for h in history] == list(range(1, 21))
     assert set(history[0]) >= {"epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"] / 2
     report = json.loads((root / "training-loop/test_report.json").read_text())
-    assert report["accuracy"] >= 0.9
-    assert report["accuracy"] == summary["test_accuracy"]
-    assert report["classes"] == ["Iris-setosa", "Iris-versicolor", "Iris-virginica"]
+    assert report["accuracy"] >= 0.9 and report["accuracy"] == summary["test_accuracy"]
+    assert report["classes"] == ["large", "medium", "small"]  # text labels: sorted names
     cm = np.array(report["confusion_matrix"])
     assert cm.sum() == report["rows"] == 24 and np.trace(cm) / cm.sum() == pytest.approx(report["accuracy"])
     assert set(report["per_class"]) == set(report["classes"])
-    assert (root / "training-loop/loss_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_best_checkpoint_is_the_lowest_val_loss_not_the_last_epoch(default_run, iris):
-    root, _ = default_run
+def test_best_checkpoint_holds_the_epoch_with_the_lowest_val_loss(blobs_run):
+    root, source, summary = blobs_run
     history = json.loads((root / "training-loop/history.json").read_text())
     best = torch.load(root / "checkpoints/best_model.pt", weights_only=True)
     lowest = min(history, key=lambda h: h["val_loss"])
-    assert best["epoch"] == lowest["epoch"] < len(history)
+    assert best["epoch"] == lowest["epoch"] == summary["best_epoch"]
     # The saved weights really are that epoch's: they reproduce its recorded val loss.
-    _, data = iris
-    model = train.TinyMLP(len(best["features"]), len(best["classes"]))
-    model.load_state_dict(best["model"])
-    val = train.evaluate(model, train.iterate_batches(*data["val"], 16))
-    assert val["loss"] == pytest.approx(lowest["val_loss"], abs=1e-6)
+    data = train.prepare_data(config(source, root))
+    val = train.evaluate(train.model_from_checkpoint(best), train.iterate_batches(*data["val"], 16))
+    assert val["loss"] == pytest.approx(lowest["val_loss"], abs=1e-5), BATCH_INDEPENDENT
 
 
-def test_checkpoints_load_with_weights_only(default_run):
-    root, _ = default_run
+def test_checkpoints_load_with_weights_only_and_carry_what_prediction_needs(blobs_run):
+    root, _, _ = blobs_run
     best = torch.load(root / "checkpoints/best_model.pt", weights_only=True)
     last = torch.load(root / "checkpoints/last.pt", weights_only=True)
-    assert {"model", "epoch", "mean", "std", "features", "classes", "config"} <= set(best)
-    assert best["features"] == ["SepalLengthCm", "SepalWidthCm", "PetalLengthCm", "PetalWidthCm"]
+    assert {"model", "model_args", "epoch", "mean", "std", "features", "classes", "config"} <= set(best)
+    assert best["features"] == ["width", "height", "depth"]  # neither the label nor the id column
+    assert best["model_args"] == {"in_features": 3, "out_features": 3}
     assert {"model", "epoch", "optimizer", "scheduler", "scaler", "rng", "progress"} <= set(last)
     assert {"best_loss", "best_epoch", "stale", "history"} <= set(last["progress"])
-    assert last["epoch"] == 50 and len(json.loads(last["progress"]["history"])) == 50
+    assert last["epoch"] == 20 and len(json.loads(last["progress"]["history"])) == 20
+
+
+def test_the_learning_rate_follows_its_schedule_step_by_step(blobs_run):
+    root, _, _ = blobs_run
+    lrs = [h["lr"] for h in json.loads((root / "training-loop/history.json").read_text())]
+    # Cosine over every optimizer step of the run: it peaks near the set rate and ends at zero.
+    # A scheduler stepped once an epoch would still be near its peak at the end.
+    assert max(lrs) == pytest.approx(0.01, rel=0.05)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-9) and lrs[len(lrs) // 2] == pytest.approx(0.005, rel=0.2)
+
+
+def test_iris_reaches_90_percent_on_rows_it_never_saw(iris_run):
+    root, summary = iris_run
+    report = json.loads((root / "training-loop/test_report.json").read_text())
+    assert report["rows"] == 24 and report["accuracy"] >= 0.9
+    assert report["classes"] == ["Iris-setosa", "Iris-versicolor", "Iris-virginica"]
 
 
 def readme_predict_snippet() -> str:
-    text = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    return next(b for b in blocks if "best_model.pt" in b)
+    if not README.is_file():
+        pytest.skip("no README.md beside test.py")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    snippet = next((b for b in blocks if "best_model.pt" in b), None)
+    if snippet is None:
+        pytest.skip("README.md has no load-and-predict snippet")
+    return snippet
 
 
-def test_readme_snippet_predicts_like_the_pipeline_on_raw_rows(default_run, monkeypatch, capsys):
-    root, _ = default_run
-    monkeypatch.chdir(root)
+def test_readme_snippet_predicts_like_the_pipeline_on_raw_rows(iris_run, monkeypatch, capsys):
     snippet = readme_predict_snippet()
+    root, _ = iris_run
+    monkeypatch.chdir(root)
     exec(snippet, {})  # as written: the two example rows are a setosa and a virginica
     assert capsys.readouterr().out.split()[::2] == ["Iris-setosa", "Iris-virginica"]
-
     # On every raw Iris row, the snippet agrees with the class train.py's own path assigns.
-    raw = torch.from_numpy(raw_iris())
+    raw = torch.from_numpy(np.loadtxt(IRIS_CSV, delimiter=",", skiprows=1, usecols=(1, 2, 3, 4), dtype=np.float32))
     scope = {"RAW": raw}
     exec(re.sub(r"^rows = .*$", "rows = RAW", snippet, flags=re.M), scope)
     best = torch.load(root / "checkpoints/best_model.pt", weights_only=True)
-    model = train.TinyMLP(len(best["features"]), len(best["classes"]))
-    model.load_state_dict(best["model"])
-    logits = train.predict(model, (raw - best["mean"]) / best["std"], batch_size=16)
+    logits = train.predict(train.model_from_checkpoint(best), (raw - best["mean"]) / best["std"], batch_size=16)
     assert torch.equal(scope["probs"].argmax(1), logits.argmax(1))
 
 
-def test_cli_run_is_offline_and_builds_its_cache_from_the_bundled_copy(tmp_path):
-    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+def test_cli_run_is_offline_and_builds_its_cache_from_a_bundled_copy(tmp_path):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+           "PYTHONPATH": str(REPO)}
     env.pop("HF_HUB_OFFLINE", None)
-    # The first run builds the cache from the bundled copy with the hub in offline mode; the
-    # second reads the prepared tensors and never even imports datasets.
-    fresh = ["-c", "import sys, train; train.main(['--epochs', '2']); "
-                   "import huggingface_hub.constants as hub; sys.exit(0 if hub.HF_HUB_OFFLINE else 3)"]
-    cached = ["-c", "import sys, train; train.main(['--epochs', '2']); sys.exit(4 if 'datasets' in sys.modules else 0)"]
-    for args in (fresh, cached):
-        result = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True,
-                                env={**env, "PYTHONPATH": str(REPO)}, timeout=120)
+    # A hub id whose copy ships with the project, as Iris's does. The first run builds the cache
+    # from it with the hub in offline mode; the second reads the prepared tensors and never even
+    # imports datasets.
+    run = (f"import sys, train; from pathlib import Path; train.BUNDLED['someone/blobs'] = Path({str(source)!r}); "
+           f"train.main({flags(tmp_path, 'someone/blobs', epochs=2)!r}); ")
+    fresh = run + "import huggingface_hub.constants as hub; sys.exit(0 if hub.HF_HUB_OFFLINE else 3)"
+    cached = run + "sys.exit(4 if 'datasets' in sys.modules else 0)"
+    for script in (fresh, cached):
+        result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                                env=env, timeout=300)
         assert result.returncode == 0, result.stderr
         assert "Traceback" not in result.stderr and "test accuracy" in result.stderr
         # stderr is a pipe here, not a terminal: plain log lines, no progress bar
         assert "\r" not in result.stderr and "epoch/s" not in result.stderr and "epoch   1/2" in result.stderr
-    assert (tmp_path / "datasets" / "scikit-learn___iris").is_dir()
+    assert (tmp_path / "datasets" / "someone___blobs").is_dir()
 
 
-# ----------------------------------------------------------------------------- the loop
+def test_the_log_shows_examples_of_several_classes_and_plots_name_the_data_and_run(tmp_path, monkeypatch, caplog):
+    titles = []
+    real_figure = train.figure
 
-def test_forward_passes_see_train_mode_in_training_and_eval_mode_without_graph_in_evaluate(iris):
-    _, data = iris
-    model = train.TinyMLP(len(data["features"]), len(data["classes"]))
+    def figure(title, *args, **kwargs):
+        titles.append(title)
+        return real_figure(title, *args, **kwargs)
+
+    monkeypatch.setattr(train, "figure", figure)
+    source = blobs_csv(tmp_path / "blobs.csv")
+    train.main(flags(tmp_path, source, epochs=2))
+    truths = re.findall(r"\] -> .*, true (\w+)$", caplog.text, re.M)
+    assert len(truths) >= 3 and len(set(truths)) >= 2
+    run = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)["run"]
+    assert len(titles) == 2 and all("blobs.csv" in t and "kind" in t and run in t for t in titles)
+
+
+# ----------------------------------------------------------------------------- the loop, one piece at a time
+
+def test_the_model_returns_logits_sized_from_the_data(blobs):
+    _, _, data = blobs
+    model = model_for(data).eval()
+    with torch.no_grad():
+        out = model(torch.randn(64, len(data["features"])) * 3)
+    assert out.shape == (64, len(data["classes"]))
+    looks_like_probabilities = bool((out >= 0).all()) and torch.allclose(out.sum(1), torch.ones(64), atol=1e-4)
+    assert not looks_like_probabilities, "the model must return raw logits: cross_entropy applies the softmax itself"
+
+
+def test_forward_passes_see_train_mode_in_training_and_eval_mode_without_graph_in_evaluate(blobs):
+    _, _, data = blobs
+    model = model_for(data)
     seen = []
     model.register_forward_hook(lambda module, args, out: seen.append((module.training, out.requires_grad)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.eval()  # a loop that forgets model.train() would stay here
     train.train_one_epoch(model, train.iterate_batches(*data["train"], 16), optimizer)
-    assert seen and all(training and grad for training, grad in seen)
+    assert seen and all(training and grad for training, grad in seen), "train_one_epoch must call model.train()"
     seen.clear()
     train.evaluate(model, train.iterate_batches(*data["val"], 16))
-    assert seen and all(not training and not grad for training, grad in seen)
+    assert seen and all(not training for training, _ in seen), "evaluate must call model.eval()"
+    assert not any(grad for _, grad in seen), "evaluate must run without autograd (torch.inference_mode)"
     assert not train.predict(model, data["val"][0], 16).requires_grad
 
 
-def test_gradients_do_not_leak_across_steps(iris):
-    _, data = iris
+def test_gradients_do_not_leak_across_steps(blobs):
+    _, _, data = blobs
     x, y = data["train"]
     batches = [(x[:16], y[:16]), (x[16:32], y[16:32]), (x[32:40], y[32:40])]
-    model = model_without_dropout(data)
+    model = model_for(data)
     reference = copy.deepcopy(model)
+    torch.manual_seed(1)  # the same dropout masks for both
     train.train_one_epoch(model, iter(batches), torch.optim.SGD(model.parameters(), lr=0.1))
+    torch.manual_seed(1)
+    reference.train()
     for xb, yb in batches:  # fresh gradients for every step, by hand
         reference.zero_grad(set_to_none=True)
         F.cross_entropy(reference(xb), yb).backward()
@@ -189,38 +317,133 @@ def test_gradients_do_not_leak_across_steps(iris):
             for p in reference.parameters():
                 p -= 0.1 * p.grad
     for got, want in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, msg="each step must start from zeroed gradients")
 
 
-def test_training_loss_is_averaged_over_rows_not_batches(iris):
-    _, data = iris
-    x, y = data["train"]  # 102 rows in batches of 16: the last batch has 6
-    model = model_without_dropout(data)
+def test_training_loss_is_averaged_over_rows_not_batches(blobs):
+    _, _, data = blobs
+    x, y = data["train"]  # 72 rows in batches of 20: the last batch has 12
+    model = model_for(data)
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put, so every batch sees one model
-    got = train.train_one_epoch(model, train.iterate_batches(x, y, 16), frozen)
+    torch.manual_seed(1)
+    got = train.train_one_epoch(model, train.iterate_batches(x, y, 20), frozen)
+    torch.manual_seed(1)  # the same forward passes, dropout masks included, summed by hand
     with torch.no_grad():
-        assert got == pytest.approx(F.cross_entropy(model(x), y).item(), abs=1e-6)
+        losses = [(F.cross_entropy(model(xb), yb, reduction="sum").item(), len(yb))
+                  for xb, yb in train.iterate_batches(x, y, 20)]
+    assert got == pytest.approx(sum(s for s, _ in losses) / len(y), rel=1e-5)
+    assert got != pytest.approx(np.mean([s / n for s, n in losses]), rel=1e-5)  # what a per-batch mean gives
 
 
-def test_evaluate_with_uneven_last_batch_equals_whole_split_at_once(iris):
-    _, data = iris
+def test_evaluate_with_uneven_last_batch_equals_whole_split_at_once(blobs):
+    _, _, data = blobs
     x, y = data["val"]
     assert len(x) % 7 != 0
-    model = model_without_dropout(data)
+    model = model_for(data)
     got = train.evaluate(model, train.iterate_batches(x, y, 7))
     with torch.no_grad():
-        out = model(x)
-    assert got["loss"] == pytest.approx(F.cross_entropy(out, y).item(), abs=1e-6)
-    assert got["acc"] == pytest.approx((out.argmax(1) == y).float().mean().item())
+        out = model.eval()(x)
+    assert got["loss"] == pytest.approx(F.cross_entropy(out, y).item(), abs=1e-6), BATCH_INDEPENDENT
+    assert got["acc"] == pytest.approx((out.argmax(1) == y).float().mean().item()), BATCH_INDEPENDENT
 
 
-def test_bfloat16_autocast_trains_an_epoch_on_cpu(iris):
-    _, data = iris
-    cfg = train.TrainingConfig(use_amp=True)
-    dtype = train.resolve_amp_dtype(cfg, torch.device("cpu"))
+def test_the_running_loss_does_not_keep_each_steps_graph_alive(blobs):
+    _, _, data = blobs
+    alive = []
+
+    class Marker(torch.autograd.Function):  # a node in each step's graph that we can watch die
+        @staticmethod
+        def forward(ctx, out):
+            alive.append(weakref.ref(ctx))
+            return out.view_as(out)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+
+    def loss_fn(out, y):
+        # The step before this one is done: its graph must be gone, unless the running sum holds on to it.
+        assert sum(ref() is not None for ref in alive) <= 1, "the running loss must be detached"
+        return F.cross_entropy(Marker.apply(out), y)
+
+    model = model_for(data)
+    train.train_one_epoch(model, train.iterate_batches(*data["train"], 8), torch.optim.SGD(model.parameters(), lr=0.1),
+                          loss_fn=loss_fn)
+    assert len(alive) == 9
+
+
+def test_clipping_limits_the_gradients_of_each_step(blobs):
+    _, _, data = blobs
+    model = model_for(data)
+    before = params(model)
+    train.train_one_epoch(model, iter([data["train"]]), torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=1e-3)
+    update = torch.cat([(a - b).flatten() for a, b in zip(params(model), before)]).norm().item()
+    # SGD with lr 1 moves the weights by exactly the clipped gradient: norm 1e-3, whatever it was before.
+    assert update == pytest.approx(1e-3, rel=1e-3), "clip after backward(), before the optimizer step"
+
+
+def test_a_float16_grad_scaler_changes_the_scale_not_the_update(blobs):
+    _, _, data = blobs
+    cfg = train.TrainingConfig(epochs=2, learning_rate=0.01, scheduler="cosine")
+    model = model_for(data)
+    *_, scaler = train.make_optimization(model, cfg, torch.device("cpu"), torch.float16, steps_per_epoch=5)
+    assert scaler.is_enabled(), "float16 needs an enabled GradScaler"
+    *_, scaler = train.make_optimization(model, cfg, torch.device("cpu"), torch.bfloat16, steps_per_epoch=5)
+    assert not scaler.is_enabled()
+    # With the scaler in the step (scaled backward, unscale before clipping, scaler.step), the weights move
+    # exactly as without one: powers of two scale exactly. Skipping any of those moves them 2**14 times more,
+    # or less.
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**14)):
+        model = model_for(data)
+        torch.manual_seed(1)
+        train.train_one_epoch(model, train.iterate_batches(*data["train"], 16),
+                              torch.optim.SGD(model.parameters(), lr=0.1), scaler=scaler, grad_clip=0.05)
+        results.append(params(model))
+    for plain, scaled in zip(*results):
+        torch.testing.assert_close(plain, scaled, msg="the grad scaler must scale the loss, unscale before "
+                                                      "clipping, and step the optimizer")
+
+
+def test_the_scheduler_steps_once_per_optimizer_step(blobs):
+    _, _, data = blobs
+    model = model_for(data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    x, y = data["train"]  # 72 rows, batches of 8: 9 micro-batches, stepping every 2 gives 5 steps
+    train.train_one_epoch(model, train.iterate_batches(x, y, 8), optimizer, scheduler, accum_steps=2)
+    assert scheduler.last_epoch == 5 and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / 6)
+
+
+def test_accumulating_micro_batches_steps_once_on_their_averaged_gradient(blobs):
+    _, _, data = blobs
+    x, y = data["train"][0][:48], data["train"][1][:48]
+    accumulated = model_for(data)
+    reference, stepped_every_batch = copy.deepcopy(accumulated), copy.deepcopy(accumulated)
+    torch.manual_seed(1)
+    train.train_one_epoch(accumulated, train.iterate_batches(x, y, 16),
+                          torch.optim.SGD(accumulated.parameters(), lr=0.5), accum_steps=3)
+    torch.manual_seed(1)
+    reference.train()
+    for xb, yb in train.iterate_batches(x, y, 16):  # by hand: three backward passes of loss / 3, one step
+        (F.cross_entropy(reference(xb), yb) / 3).backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.5 * p.grad
+    for a, b in zip(accumulated.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(1)  # and without accumulation the result differs
+    train.train_one_epoch(stepped_every_batch, train.iterate_batches(x, y, 16),
+                          torch.optim.SGD(stepped_every_batch.parameters(), lr=0.5))
+    assert not all(torch.allclose(a, b) for a, b in zip(accumulated.parameters(), stepped_every_batch.parameters()))
+
+
+def test_bfloat16_autocast_trains_an_epoch_on_cpu(blobs):
+    _, _, data = blobs
+    dtype = train.resolve_amp_dtype(train.TrainingConfig(use_amp=True, amp_dtype="auto"), torch.device("cpu"))
     assert dtype == torch.bfloat16
-    model = model_without_dropout(data)
-    before = [p.clone() for p in model.parameters()]
+    model = model_for(data)
+    before = params(model)
     dtypes = []
     model.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     loss = train.train_one_epoch(model, train.iterate_batches(*data["train"], 16),
@@ -238,36 +461,113 @@ def test_float16_on_cpu_is_refused_clearly():
 
 # ----------------------------------------------------------------------------- data
 
-def test_splits_are_disjoint_stratified_reproducible_and_cover_every_row(iris):
-    cfg, data = iris
-    splits = data["splits"]
+def test_splits_are_disjoint_stratified_reproducible_and_cover_every_row():
+    labels = np.repeat([0, 1, 2], [40, 60, 100])
+    splits = train.split_indices(labels, 0.2, 0.1, seed=5)
     rows = np.concatenate(list(splits.values()))
-    assert sorted(rows.tolist()) == list(range(150))  # disjoint and complete
-    species = np.repeat([0, 1, 2], 50)  # Iris.csv lists 50 rows of each class in order
-    for name, expected in (("train", 34), ("val", 8), ("test", 8)):
-        assert np.bincount(species[splits[name]]).tolist() == [expected] * 3, name
-    again = train.split_indices(species, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    other = train.split_indices(species, cfg.val_fraction, cfg.test_fraction, cfg.seed + 1)
+    assert sorted(rows.tolist()) == list(range(200))  # disjoint and complete
+    for name, share in (("test", 0.1), ("val", 0.2)):
+        assert np.bincount(labels[splits[name]]).tolist() == [round(n * share) for n in (40, 60, 100)], name
+    again = train.split_indices(labels, 0.2, 0.1, seed=5)
+    other = train.split_indices(labels, 0.2, 0.1, seed=6)
     assert all(np.array_equal(again[k], splits[k]) for k in splits)
     assert not np.array_equal(other["test"], splits["test"])
 
 
-def test_normalization_statistics_come_from_the_training_split_only(iris):
-    _, data = iris
-    raw = raw_iris()
-    train_rows = raw[data["splits"]["train"]]
+def test_each_split_holds_its_own_rows_normalized_by_training_statistics(blobs):
+    source, _, data = blobs
+    raw = raw_features(source)
+    splits = data["splits"]
+    assert sum(len(s) for s in splits.values()) == len(raw)
+    assert not set(splits["train"]) & (set(splits["val"]) | set(splits["test"])) and not set(splits["val"]) & set(
+        splits["test"])
+    train_rows = raw[splits["train"]]
     np.testing.assert_allclose(data["mean"].numpy(), train_rows.mean(0), rtol=1e-5)
     np.testing.assert_allclose(data["std"].numpy(), train_rows.std(0), rtol=1e-5)
-    assert not np.allclose(data["mean"].numpy(), raw.mean(0), rtol=1e-5)
-    x_test = data["test"][0].numpy()
-    np.testing.assert_allclose(x_test * data["std"].numpy() + data["mean"].numpy(),
-                               raw[data["splits"]["test"]], rtol=1e-5)
+    assert not np.allclose(data["mean"].numpy(), raw.mean(0), rtol=1e-3)  # not the statistics of every row
+    for name in ("train", "val", "test"):  # each split is exactly its rows: no row from another split
+        restored = data[name][0].numpy() * data["std"].numpy() + data["mean"].numpy()
+        np.testing.assert_allclose(restored, raw[splits[name]], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_features_skip_the_label_and_the_id_column(iris):
-    _, data = iris
-    assert data["features"] == ["SepalLengthCm", "SepalWidthCm", "PetalLengthCm", "PetalWidthCm"]
-    assert data["classes"] == ["Iris-setosa", "Iris-versicolor", "Iris-virginica"]
+def test_features_skip_the_label_and_the_id_column(blobs):
+    _, _, data = blobs
+    assert data["features"] == ["width", "height", "depth"]
+    assert data["classes"] == ["large", "medium", "small"]
+
+
+# ----------------------------------------------------------------------------- the loop as main() drives it
+
+def spy_on_the_loop(monkeypatch, val_losses: list | None = None) -> dict:
+    """Record the rows of every batch main() trains and validates on, and the weights at each
+    validation; with val_losses, report those as the validation losses instead."""
+    seen = {"train": [], "val": [], "weights": []}
+    real_train, real_evaluate = train.train_one_epoch, train.evaluate
+
+    def train_one_epoch(model, batches, *args, **kwargs):
+        batches = list(batches)
+        seen["train"].append(torch.cat([xb for xb, _ in batches]).cpu())
+        return real_train(model, iter(batches), *args, **kwargs)
+
+    def evaluate(model, batches, *args, **kwargs):
+        batches = list(batches)
+        seen["val"].append(torch.cat([xb for xb, _ in batches]).cpu())
+        seen["weights"].append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        result = real_evaluate(model, iter(batches), *args, **kwargs)
+        return result if val_losses is None else {**result, "loss": val_losses[len(seen["val"]) - 1]}
+
+    monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    return seen
+
+
+def test_main_shuffles_every_epoch_trains_on_training_rows_and_validates_on_validation_rows(tmp_path, monkeypatch):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    seen = spy_on_the_loop(monkeypatch)
+    train.main(flags(tmp_path, source, epochs=3))
+    data = train.prepare_data(config(source, tmp_path))
+    train_x, val_x, test_x = (data[s][0] for s in ("train", "val", "test"))
+    assert len(seen["train"]) == len(seen["val"]) == 3
+    held_out = set(map(tuple, torch.cat([val_x, test_x]).tolist()))
+    for epoch, rows in enumerate(seen["train"], 1):
+        assert same_rows(rows, train_x), f"epoch {epoch} must visit every training row once"
+        assert not held_out & set(map(tuple, rows.tolist())), "validation or test rows were trained on"
+    assert not torch.equal(seen["train"][0], train_x), "training batches must be shuffled"
+    assert not torch.equal(seen["train"][0], seen["train"][1]), "each epoch must be shuffled anew"
+    for rows in seen["val"]:
+        assert same_rows(rows, val_x), "each epoch must be validated on the validation rows, and only them"
+
+
+def test_the_best_checkpoint_is_the_lowest_val_loss_not_the_last_epoch(tmp_path, monkeypatch):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    seen = spy_on_the_loop(monkeypatch, val_losses=[0.9, 0.5, 0.7, 0.8, 0.6])
+    summary = train.main(flags(tmp_path, source, epochs=5))
+    best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
+    assert best["epoch"] == summary["best_epoch"] == 2, "the best checkpoint is the epoch with the lowest val loss"
+    assert all(torch.equal(best["model"][k], v) for k, v in seen["weights"][1].items()), "best_model.pt holds " \
+        "other weights than the epoch it names"
+    # The test report is that checkpoint's, on the test rows.
+    data = train.prepare_data(config(source, tmp_path))
+    model = train.model_from_checkpoint(best)
+    expected = train.classification_report(train.predict(model, data["test"][0], 16), data["test"][1],
+                                           data["classes"])
+    assert summary["report"]["confusion_matrix"] == expected["confusion_matrix"]
+
+
+def test_every_path_builds_the_model_through_build_model(tmp_path, monkeypatch, capsys):
+    built = []
+
+    def another_model(in_features, out_features, cfg):  # another class, another constructor
+        built.append((in_features, out_features))
+        return nn.Sequential(nn.Linear(in_features, 8), nn.Tanh(), nn.Linear(8, out_features))
+
+    monkeypatch.setattr(train, "build_model", another_model)
+    source = blobs_csv(tmp_path / "blobs.csv")
+    train.main(flags(tmp_path, source, epochs=2))
+    train.main(flags(tmp_path, source, "--eval-only", epochs=2))
+    lines = train.main(["--checkpoint-dir", str(tmp_path / "checkpoints"), "--predict", "0,0,0;0,4,4"])["predictions"]
+    train.model_from_checkpoint(torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True))
+    assert built == [(3, 3)] * 4 and len(lines) == 2
 
 
 # ----------------------------------------------------------------------------- config
@@ -276,6 +576,30 @@ def test_flags_override_fields_in_either_spelling():
     cfg = train.parse_config(["--batch-size", "8", "--learning_rate=0.5", "--use-amp", "--no-resume"])
     assert (cfg.batch_size, cfg.learning_rate, cfg.use_amp, cfg.resume) == (8, 0.5, True, False)
     assert train.parse_config([]) == train.TrainingConfig()
+
+
+def test_list_tuple_and_optional_fields_work_as_flags_and_other_types_are_refused():
+    @dataclass
+    class Config:
+        hidden: tuple[int, ...] = (32, 32)
+        pair: tuple[float, float] = (0.5, 1.0)
+        names: list[str] = field(default_factory=list)
+        limit: int | None = None
+
+    assert train.parse_config([], Config) == Config()
+    cfg = train.parse_config(["--hidden", "64", "16", "8", "--pair", "1", "2", "--names", "a", "b", "--limit", "3"],
+                             Config)
+    assert cfg == Config(hidden=(64, 16, 8), pair=(1.0, 2.0), names=["a", "b"], limit=3)
+    assert train.parse_config(["--limit", "none"], Config).limit is None
+
+    @dataclass
+    class Unsupported:
+        table: dict = field(default_factory=dict)
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_config([], Unsupported)
+    assert "table" in exit_info.value.code and "cannot be a flag" in exit_info.value.code
+    assert "\n" not in exit_info.value.code
 
 
 def test_help_lists_every_field_with_its_comment(capsys):
@@ -290,7 +614,9 @@ def test_help_lists_every_field_with_its_comment(capsys):
 
 
 def test_readme_table_documents_every_field():
-    table = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", (REPO / "README.md").read_text(), re.M)
+    table = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", README.read_text(), re.M) if README.is_file() else []
+    if not table:
+        pytest.skip("no README.md with a table of TrainingConfig's fields beside test.py")
     assert {name: default for name, default in table} == {
         name: repr(f.default) for name, f in train.TrainingConfig.__dataclass_fields__.items()}
 
@@ -314,19 +640,20 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
-    args = ["--epochs", "30", "--batch-size", "2", "--log-every", "1"]  # ~50 steps an epoch: time to kill mid-run
-    train.main(dirs(tmp_path / "whole") + args)
+    source = blobs_csv(tmp_path / "blobs.csv")
+    args = ["--epochs", "30", "--batch-size", "2"]  # 36 steps an epoch: time to kill mid-run
+    train.main(flags(tmp_path / "whole", source, *args))
     killed = tmp_path / "killed"
-    command = [sys.executable, str(REPO / "train.py"), *dirs(killed), *args]
+    command = [sys.executable, str(REPO / "train.py"), *flags(killed, source, *args)]
     run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     for line in run.stderr:
         if "epoch   4/30" in line:
             run.kill()
             break
-    run.wait(timeout=60)
+    run.wait(timeout=120)
     assert run.returncode == -signal.SIGKILL
     assert 4 <= torch.load(killed / "checkpoints/last.pt", weights_only=True)["epoch"] < 30  # whole and loadable
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=120)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(tmp_path / "whole", killed)
 
@@ -353,63 +680,67 @@ def signal_during_epoch(monkeypatch, epoch: int, signum: int) -> None:
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_cleanly_drops_the_cut_epoch_and_resumes_exactly(tmp_path, monkeypatch, caplog, signum, status):
-    args = ["--epochs", "8"]
-    train.main(dirs(tmp_path / "whole") + args)
+    source = blobs_csv(tmp_path / "blobs.csv")
+    train.main(flags(tmp_path / "whole", source, epochs=8))
     stopped = tmp_path / "stopped"
     handler_before = signal.getsignal(signum)
     with monkeypatch.context() as patch:
         signal_during_epoch(patch, epoch=5, signum=signum)
         with pytest.raises(SystemExit) as exit_info:
-            train.main(dirs(stopped) + args)
+            train.main(flags(stopped, source, epochs=8))
     assert exit_info.value.code == status
     assert "Resume with: python train.py" in caplog.text and "--resume" in caplog.text
     assert torch.load(stopped / "checkpoints/last.pt", weights_only=True)["epoch"] == 4
     assert len(json.loads((stopped / "training-loop/history.json").read_text())) == 4
     assert (stopped / "training-loop/loss_curve.png").exists()
     assert signal.getsignal(signum) is handler_before  # main() gives the signal back as it found it
-    train.main(dirs(stopped) + args + ["--resume"])
+    train.main(flags(stopped, source, "--resume", epochs=8))
     assert_same_run(tmp_path / "whole", stopped)
 
 
 def test_sigterm_from_outside_exits_143_with_a_resumable_last_checkpoint(tmp_path):
-    command = [sys.executable, str(REPO / "train.py"), *dirs(tmp_path), "--epochs", "30", "--batch-size", "2",
-               "--log-every", "1"]
+    source = blobs_csv(tmp_path / "blobs.csv")
+    command = [sys.executable, str(REPO / "train.py"), *flags(tmp_path, source, "--batch-size", "2", epochs=30)]
     run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in run.stderr:
         lines.append(line)
         if "epoch   2/30" in line:
             run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=60) == 143
+    assert run.wait(timeout=120) == 143
     log = "".join(lines)
     assert "Traceback" not in log and "stopped by SIGTERM" in log and "--resume" in log
     epoch = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["epoch"]
     assert 2 <= epoch < 30
     resumed = subprocess.run(command + ["--resume", "--epochs", str(epoch + 1)], capture_output=True, text=True,
-                             timeout=120)
+                             timeout=300)
     assert resumed.returncode == 0 and f"resumed from {tmp_path / 'checkpoints/last.pt'} after epoch {epoch}" \
         in resumed.stderr
 
 
 def test_raising_epochs_extends_a_finished_run(tmp_path):
-    train.main(dirs(tmp_path) + ["--epochs", "3"])
+    source = blobs_csv(tmp_path / "blobs.csv")
+    train.main(flags(tmp_path, source, epochs=3))
     before = json.loads((tmp_path / "training-loop/history.json").read_text())
-    train.main(dirs(tmp_path) + ["--epochs", "5", "--resume"])
+    train.main(flags(tmp_path, source, "--resume", epochs=5))
     after = json.loads((tmp_path / "training-loop/history.json").read_text())
     assert [h["epoch"] for h in after] == [1, 2, 3, 4, 5] and after[:3] == before
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
-    summary = train.main(dirs(tmp_path) + ["--epochs", "2", "--resume"])
+    source = blobs_csv(tmp_path / "blobs.csv")
+    summary = train.main(flags(tmp_path, source, "--resume", epochs=2))
     assert "starting fresh" in caplog.text and len(summary["history"]) == 2
 
 
-@pytest.fixture
-def finished_run(tmp_path):
-    """A finished 3-epoch run, and the bytes of every file it wrote."""
-    train.main(dirs(tmp_path) + ["--epochs", "3"])
-    files = {p: p.read_bytes() for p in tmp_path.glob("*/*") if p.is_file() and "datasets" not in p.parts}
-    return tmp_path, files
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 3-epoch run, its command line, and the bytes of every file it wrote."""
+    root = tmp_path_factory.mktemp("finished")
+    args = flags(root, blobs_csv(root / "blobs.csv"), epochs=3)
+    train.main(args)
+    files = {p: p.read_bytes() for p in root.glob("*/*") if p.is_file() and "datasets" not in p.parts}
+    return root, args, files
 
 
 def write_csv(path: Path, text: str) -> str:
@@ -436,11 +767,11 @@ BAD_INPUTS = {
     "non-numeric value": (["--dataset", "{text}", "--label-column", "y"], "non-numeric value 'abc' in data row 2"),
     "missing value": (["--dataset", "{hole}", "--label-column", "y"], "column 'b' has a missing"),
     "single class": (["--dataset", "{one_class}", "--label-column", "y"], "single class"),
-    "too few rows": (["--dataset", "{good}", "--label-column", "y"], "too few"),
+    "too few rows": (["--dataset", "{good}", "--label-column", "y"], "class 'x' has 2 rows: too few"),
     "uncached hub id offline": (["--dataset", "someone/not-cached"], "cannot be reached"),
-    "resume with another seed": (["--resume", "--seed", "7"], "seed (42 there, 7 now)"),
+    "resume with another seed": (["--resume", "--seed", "7"], "seed (0 there, 7 now)"),
     "output dir is a file": (["--output-dir", "{empty}/out"], "cannot create the folder"),
-    "loss blows up": (["--learning-rate", "1e38", "--grad-clip", "0"], "epoch 1: the training loss is nan"),
+    "loss blows up": (["--learning-rate", "1e38", "--grad-clip", "0"], "epoch 1: the training loss is"),
 }
 
 
@@ -448,7 +779,7 @@ BAD_INPUTS = {
 def test_bad_input_gets_one_clear_line_and_leaves_every_file_alone(finished_run, monkeypatch, case):
     if case == "absent CUDA" and torch.cuda.is_available() or case == "absent MPS" and torch.backends.mps.is_available():
         pytest.skip("this machine has that device")
-    root, files = finished_run
+    root, base, files = finished_run
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a hub that refuses at once, on this machine
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)
@@ -460,7 +791,7 @@ def test_bad_input_gets_one_clear_line_and_leaves_every_file_alone(finished_run,
              "one_class": write_csv(root / "one.csv", "a,b,y\n" + "1,2,x\n" * 9)}
     args, message = BAD_INPUTS[case]
     with pytest.raises(SystemExit) as exit_info:
-        train.main(dirs(root) + [a.format(**paths) for a in args])
+        train.main(base + [a.format(**paths) for a in args])
     error = exit_info.value.code
     assert isinstance(error, str) and error.startswith("error: ") and "\n" not in error  # exit status 1, one line
     assert message in error
@@ -470,16 +801,17 @@ def test_bad_input_gets_one_clear_line_and_leaves_every_file_alone(finished_run,
 
 def test_bad_input_on_the_command_line_prints_one_line_and_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *dirs(tmp_path), "--batch-size", "0"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr == "error: --batch-size must be at least 1\n"
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "old version", "other model"])
-def test_damaged_checkpoint_is_refused_clearly(finished_run, damage):
-    root, files = finished_run
-    last = root / "checkpoints/last.pt"
-    content = files[last]
+def test_damaged_checkpoint_is_refused_clearly(tmp_path, damage):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    train.main(flags(tmp_path, source, epochs=2))
+    last, best = tmp_path / "checkpoints/last.pt", tmp_path / "checkpoints/best_model.pt"
+    best_bytes, content = best.read_bytes(), last.read_bytes()
     if damage == "truncated":
         last.write_bytes(content[: len(content) // 2])
     elif damage == "garbage":
@@ -488,14 +820,14 @@ def test_damaged_checkpoint_is_refused_clearly(finished_run, damage):
         checkpoint = torch.load(last, weights_only=True)
         if damage == "old version":
             checkpoint["version"] = 0
-        else:
-            checkpoint["model"]["net.0.weight"] = torch.zeros(32, 7)
+        else:  # weights of the same model built for more inputs
+            checkpoint["model"] = train.build_model(7, 3, train.TrainingConfig()).state_dict()
         torch.save(checkpoint, last)
     expected = {"truncated": "not a readable checkpoint", "garbage": "not a readable checkpoint",
                 "old version": "not written by this train.py", "other model": "shaped for another model"}[damage]
     with pytest.raises(SystemExit, match=expected):
-        train.main(dirs(root) + ["--resume", "--epochs", "5"])
-    assert (root / "checkpoints/best_model.pt").read_bytes() == files[root / "checkpoints/best_model.pt"]
+        train.main(flags(tmp_path, source, "--resume", epochs=4))
+    assert best.read_bytes() == best_bytes
 
 
 def test_non_finite_loss_mid_run_keeps_the_previous_best(tmp_path, monkeypatch):
@@ -508,8 +840,9 @@ def test_non_finite_loss_mid_run_keeps_the_previous_best(tmp_path, monkeypatch):
         return float("nan") if len(calls) == 4 else loss
 
     monkeypatch.setattr(train, "train_one_epoch", blows_up_in_epoch_4)
+    source = blobs_csv(tmp_path / "blobs.csv")
     with pytest.raises(SystemExit, match="epoch 4: the training loss is nan") as exit_info:
-        train.main(dirs(tmp_path) + ["--epochs", "6"])
+        train.main(flags(tmp_path, source, epochs=6))
     assert "learning rate" in exit_info.value.code
     best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
     history = json.loads((tmp_path / "training-loop/history.json").read_text())
@@ -517,23 +850,25 @@ def test_non_finite_loss_mid_run_keeps_the_previous_best(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["epoch"] == 3
 
 
-def test_disk_full_names_the_path_and_keeps_the_old_file(finished_run, monkeypatch):
-    root, files = finished_run
+def test_disk_full_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    train.main(flags(tmp_path, source, epochs=2))
+    best_bytes = (tmp_path / "checkpoints/best_model.pt").read_bytes()
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", no_space)
     with pytest.raises(SystemExit, match=r"could not write .*best_model.pt: No space left on device"):
-        train.main(dirs(root) + ["--epochs", "3"])
-    assert (root / "checkpoints/best_model.pt").read_bytes() == files[root / "checkpoints/best_model.pt"]
-    assert not list((root / "checkpoints").glob(".*tmp"))  # no half-written file left behind
+        train.main(flags(tmp_path, source, epochs=2))
+    assert (tmp_path / "checkpoints/best_model.pt").read_bytes() == best_bytes
+    assert not list((tmp_path / "checkpoints").glob(".*tmp"))  # no half-written file left behind
 
 
 # ----------------------------------------------------------------------------- speed paths (correctness only)
 
 def test_warm_run_reads_prepared_tensors_without_reloading_the_table(tmp_path, monkeypatch):
-    cfg = train.TrainingConfig(datasets_dir=str(tmp_path))
+    cfg = config(blobs_csv(tmp_path / "blobs.csv"), tmp_path)
     cold = train.prepare_data(cfg)
 
     def no_reload(cfg):
@@ -549,24 +884,27 @@ def test_warm_run_reads_prepared_tensors_without_reloading_the_table(tmp_path, m
 def test_prepared_cache_follows_changes_to_the_source(tmp_path):
     source = tmp_path / "blobs.csv"
     source.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{'xyz'[i % 3]}\n" for i in range(30)))
-    cfg = train.TrainingConfig(dataset=str(source), label_column="y", datasets_dir=str(tmp_path / "cache"))
+    cfg = config(source, tmp_path, label_column="y")
     assert sum(len(train.prepare_data(cfg)[s][0]) for s in ("train", "val", "test")) == 30
     source.write_text(source.read_text() + "".join(f"{i},{i % 3},{'xyz'[i % 3]}\n" for i in range(30, 45)))
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
     assert sum(len(train.prepare_data(cfg)[s][0]) for s in ("train", "val", "test")) == 45
-    (tmp_path / "cache" / "prepared").joinpath("junk.pt").write_bytes(b"junk")  # stray files are ignored
-    for cached in (tmp_path / "cache" / "prepared").glob("blobs.csv-*.pt"):
+    (tmp_path / "datasets" / "prepared").joinpath("junk.pt").write_bytes(b"junk")  # stray files are ignored
+    for cached in (tmp_path / "datasets" / "prepared").glob("blobs.csv-*.pt"):
         cached.write_bytes(b"not a checkpoint")  # a damaged cache is rebuilt, not trusted
     assert sum(len(train.prepare_data(cfg)[s][0]) for s in ("train", "val", "test")) == 45
 
 
 def test_dataloader_path_trains_exactly_like_the_in_memory_path(tmp_path):
+    source = blobs_csv(tmp_path / "blobs.csv")
     for loader in ("memory", "dataloader"):
-        train.main(dirs(tmp_path / loader) + ["--epochs", "4", "--loader", loader])
+        train.main(flags(tmp_path / loader, source, "--loader", loader, epochs=4))
     assert_same_run(tmp_path / "memory", tmp_path / "dataloader")
 
 
 def test_bench_loops_do_the_same_work():
+    if not (REPO / "bench.py").is_file():
+        pytest.skip("no bench.py beside test.py")
     import bench
 
     x, y = bench.synthetic(1000, 16)
@@ -590,13 +928,11 @@ real_load_weights = train.load_weights
 
 def record_then_load(model, checkpoint, path):
     if path.name == "best_model.pt":  # training is over: record this rank's final weights
-        torch.save(model.state_dict(), {out!r} + f"/rank{{dist.get_rank()}}.pt")
+        torch.save(dict(model.named_parameters()), {out!r} + f"/rank{{dist.get_rank()}}.pt")
     real_load_weights(model, checkpoint, path)
 
 train.load_weights = record_then_load
 train.main(sys.argv[1:])
-sys.stdout.flush(), sys.stderr.flush()
-os._exit(0)  # skip torch's slow teardown, as train.py itself does
 """
 
 
@@ -605,8 +941,7 @@ def torchrun(tmp_path: Path, *args: str) -> str:
     script = tmp_path / "rank_weights.py"
     script.write_text(RANK_WEIGHTS.format(repo=str(REPO), out=str(tmp_path)))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), *dirs(tmp_path), "--device", "cpu", *args],
-                            capture_output=True, text=True, timeout=300)
+                             str(script), *args, "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0]), "the ranks' weights differ"
@@ -614,8 +949,9 @@ def torchrun(tmp_path: Path, *args: str) -> str:
 
 
 def test_torchrun_two_cpu_processes_train_as_one(tmp_path):
-    output = torchrun(tmp_path)
-    assert output.count("epoch   1/50") == 1 and "effective batch 32" in output  # rank 0 alone logs
+    source = blobs_csv(tmp_path / "blobs.csv")
+    output = torchrun(tmp_path, *flags(tmp_path, source))
+    assert output.count("epoch   1/20") == 1 and "effective batch 32" in output  # rank 0 alone logs
     written = sorted(str(p.relative_to(tmp_path)) for d in ("checkpoints", "training-loop")
                      for p in (tmp_path / d).iterdir())
     assert written == ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/confusion_matrix.png",
@@ -623,38 +959,22 @@ def test_torchrun_two_cpu_processes_train_as_one(tmp_path):
     best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in best["model"])  # loads in a single process
     # What the ranks logged together equals a single-process evaluation of the saved model.
-    data = train.prepare_data(train.TrainingConfig(datasets_dir=str(tmp_path / "datasets")))
-    model = train.TinyMLP(len(best["features"]), len(best["classes"]))
-    model.load_state_dict(best["model"])
+    data = train.prepare_data(config(source, tmp_path))
+    model = train.model_from_checkpoint(best)
     history = json.loads((tmp_path / "training-loop/history.json").read_text())
     val = train.evaluate(model, train.iterate_batches(*data["val"], 16))
-    assert val["loss"] == pytest.approx(history[best["epoch"] - 1]["val_loss"], abs=1e-5)
-    assert val["acc"] == pytest.approx(history[best["epoch"] - 1]["val_acc"])
+    assert val["loss"] == pytest.approx(history[best["epoch"] - 1]["val_loss"], abs=1e-5), BATCH_INDEPENDENT
+    assert val["acc"] == pytest.approx(history[best["epoch"] - 1]["val_acc"]), BATCH_INDEPENDENT
     report = json.loads((tmp_path / "training-loop/test_report.json").read_text())
     single = train.classification_report(train.predict(model, data["test"][0], 16), data["test"][1], data["classes"])
-    assert report["accuracy"] == pytest.approx(single["accuracy"]) and report["accuracy"] >= 0.9
-    assert report["confusion_matrix"] == single["confusion_matrix"] and report["rows"] == 24
+    assert report["confusion_matrix"] == single["confusion_matrix"] and report["rows"] == 24, BATCH_INDEPENDENT
+    assert report["accuracy"] >= 0.9
 
     # Resume under torchrun (every rank reads rank 0's last.pt) and go on with accumulation (no_sync).
-    output = torchrun(tmp_path, "--resume", "--epochs", "53", "--grad-accum-steps", "2")
-    assert "after epoch 50" in output and "effective batch 64" in output
+    output = torchrun(tmp_path, *flags(tmp_path, source, "--resume", "--grad-accum-steps", "2", epochs=23))
+    assert "after epoch 20" in output and "effective batch 64" in output
     assert [h["epoch"] for h in json.loads((tmp_path / "training-loop/history.json").read_text())][-4:] == \
-        [50, 51, 52, 53]
-
-
-def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_b(iris):
-    _, data = iris
-    x, y = data["train"][0][:48], data["train"][1][:48]
-    whole, accumulated = model_without_dropout(data), model_without_dropout(data)
-    train.train_one_epoch(whole, iter([(x, y)]), torch.optim.SGD(whole.parameters(), lr=0.5))
-    train.train_one_epoch(accumulated, train.iterate_batches(x, y, 16),
-                          torch.optim.SGD(accumulated.parameters(), lr=0.5), accum_steps=3)
-    for a, b in zip(whole.parameters(), accumulated.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    stepped_every_batch = model_without_dropout(data)  # and without accumulation the result differs
-    train.train_one_epoch(stepped_every_batch, train.iterate_batches(x, y, 16),
-                          torch.optim.SGD(stepped_every_batch.parameters(), lr=0.5))
-    assert not torch.allclose(next(whole.parameters()), next(stepped_every_batch.parameters()))
+        [20, 21, 22, 23]
 
 
 def test_epoch_shards_follow_distributed_sampler():
@@ -671,49 +991,18 @@ def test_epoch_shards_follow_distributed_sampler():
 
 # ----------------------------------------------------------------------------- your own data
 
-def blobs_csv(path: Path, rows_per_class: int = 60) -> Path:
-    """Three separable blobs, the label first and as text, an id column the model must ignore."""
-    rng = np.random.default_rng(1)
-    lines = ["kind,sample_id,width,height,depth"]
-    for kind, centre in (("small", (0, 0, 0)), ("medium", (4, 4, 0)), ("large", (0, 4, 4))):
-        for i, point in enumerate(rng.normal(centre, 0.8, size=(rows_per_class, 3))):
-            lines.append(f"{kind},{len(lines)},{point[0]:.4f},{point[1]:.4f},{point[2]:.4f}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def linear_csv(path: Path) -> Path:
-    """target = 3a - 2b + 0.5c + 10, plus noise; the label is the last column."""
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(600, 3))
-    y = 3 * x[:, 0] - 2 * x[:, 1] + 0.5 * x[:, 2] + 10 + rng.normal(scale=0.3, size=600)
-    path.write_text("a,b,c,target\n" + "".join(f"{r[0]:.5f},{r[1]:.5f},{r[2]:.5f},{t:.5f}\n" for r, t in zip(x, y)))
-    return path
-
-
-def test_a_csv_with_the_label_first_and_text_classes_trains_by_flags_alone(tmp_path):
-    source = blobs_csv(tmp_path / "blobs.csv")
-    summary = train.main(dirs(tmp_path) + ["--dataset", str(source), "--label-column", "kind", "--epochs", "30"])
-    assert summary["test_accuracy"] >= 0.9
-    best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
-    assert best["features"] == ["width", "height", "depth"] and best["classes"] == ["large", "medium", "small"]
-    assert best["model"]["net.6.weight"].shape[0] == 3  # sized from the data
-    assert (tmp_path / "training-loop/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
-
-
 def test_feature_columns_choose_the_inputs(tmp_path):
     source = blobs_csv(tmp_path / "blobs.csv")
-    train.main(dirs(tmp_path) + ["--dataset", str(source), "--label-column", "kind", "--epochs", "2",
-                                 "--feature-columns", "depth,width"])
+    train.main(flags(tmp_path, source, "--feature-columns", "depth,width", epochs=2))
     best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
-    assert best["features"] == ["depth", "width"] and best["model"]["net.0.weight"].shape[1] == 2
+    assert best["features"] == ["depth", "width"] and best["model_args"]["in_features"] == 2
     with pytest.raises(SystemExit, match="weight cannot be used as features"):
-        train.main(dirs(tmp_path) + ["--dataset", str(source), "--label-column", "kind", "--feature-columns", "weight"])
+        train.main(flags(tmp_path, source, "--feature-columns", "weight"))
 
 
-def test_regression_learns_a_noisy_linear_target_and_predicts_near_the_truth(tmp_path, monkeypatch, capsys):
+def test_regression_learns_a_noisy_linear_target_and_predicts_near_the_truth(tmp_path, capsys):
     source = linear_csv(tmp_path / "linear.csv")
-    summary = train.main(dirs(tmp_path) + ["--dataset", str(source), "--label-column", "target", "--task", "auto"])
+    summary = train.main(flags(tmp_path, source, "--task", "auto", label="target", epochs=30))
     report = json.loads((tmp_path / "training-loop/test_report.json").read_text())
     assert report["task"] == "regression" and report["r2"] >= 0.95 and report == summary["report"]
     assert report["rmse"] < 1.0 and report["mae"] < 1.0  # in the label's units: the noise is 0.3
@@ -730,33 +1019,32 @@ def test_regression_learns_a_noisy_linear_target_and_predicts_near_the_truth(tmp
 def test_a_continuous_label_is_not_taken_for_classes(tmp_path):
     source = linear_csv(tmp_path / "linear.csv")
     with pytest.raises(SystemExit, match="continuous values .* use --task regression"):
-        train.main(dirs(tmp_path) + ["--dataset", str(source), "--label-column", "target"])
+        train.main(flags(tmp_path, source, label="target"))
 
 
 # ----------------------------------------------------------------------------- predicting, evaluating
 
-def test_predict_from_the_command_line_reads_rows_and_csv_files(default_run, tmp_path):
-    root, _ = default_run
+def test_predict_from_the_command_line_reads_rows_and_csv_files(blobs_run, tmp_path):
+    root, _, _ = blobs_run
     checkpoint = ["--checkpoint-dir", str(root / "checkpoints")]
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *checkpoint,
-                             "--predict", "5.1,3.5,1.4,0.2;6.7,3.0,5.2,2.3"], capture_output=True, text=True)
+                             "--predict", "0,0,0;0,4,4"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()  # one line per row, on stdout
-    assert len(lines) == 2 and lines[0].startswith("5.1, 3.5, 1.4, 0.2 -> Iris-setosa (")
-    assert "-> Iris-virginica (" in lines[1]
+    assert len(lines) == 2 and lines[0].startswith("0, 0, 0 -> small (") and "-> large (" in lines[1]
     rows = tmp_path / "rows.csv"  # a header in another order, and a column the model does not use
-    rows.write_text("PetalWidthCm,Species,SepalLengthCm,SepalWidthCm,PetalLengthCm\n0.2,?,5.1,3.5,1.4\n")
+    rows.write_text("depth,kind,width,height\n0,?,0,0\n")
     assert train.main(checkpoint + ["--predict", str(rows)])["predictions"] == [lines[0]]
     assert not (tmp_path / "training-loop").exists()  # trains nothing, writes nothing
 
 
 @pytest.mark.parametrize("rows, message", [
-    ("5.1,3.5,1.4", "row 1 has 3 values; expected 4 values: SepalLengthCm, SepalWidthCm, PetalLengthCm, PetalWidthCm"),
-    ("5.1,3.5,1.4,0.2;1,2", "row 2 has 2 values"),
-    ("5.1,3.5,x,0.2", "not a number"),
+    ("0,0", "row 1 has 2 values; expected 3 values: width, height, depth"),
+    ("0,0,0;1,2", "row 2 has 2 values"),
+    ("0,x,0", "not a number"),
 ])
-def test_predict_with_the_wrong_values_fails_clearly(default_run, rows, message):
-    root, _ = default_run
+def test_predict_with_the_wrong_values_fails_clearly(blobs_run, rows, message):
+    root, _, _ = blobs_run
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--checkpoint-dir", str(root / "checkpoints"), "--predict", rows])
     error = exit_info.value.code
@@ -764,20 +1052,21 @@ def test_predict_with_the_wrong_values_fails_clearly(default_run, rows, message)
 
 
 def test_eval_only_rewrites_the_report_and_plots_without_training(tmp_path):
-    train.main(dirs(tmp_path) + ["--epochs", "5"])
+    source = blobs_csv(tmp_path / "blobs.csv")
+    train.main(flags(tmp_path, source, epochs=3))
     report_path = tmp_path / "training-loop/test_report.json"
     before = json.loads(report_path.read_text())
     checkpoints = {p: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
     history = (tmp_path / "training-loop/history.json").read_bytes()
     report_path.write_text("{}")
     (tmp_path / "training-loop/confusion_matrix.png").unlink()
-    summary = train.main(dirs(tmp_path) + ["--epochs", "5", "--eval-only"])
+    summary = train.main(flags(tmp_path, source, "--eval-only", epochs=3))
     assert json.loads(report_path.read_text()) == before == {k: summary["report"][k] for k in before}
     assert (tmp_path / "training-loop/confusion_matrix.png").exists()
     assert all(p.read_bytes() == content for p, content in checkpoints.items())  # nothing trained
     assert (tmp_path / "training-loop/history.json").read_bytes() == history
     with pytest.raises(SystemExit, match="seed"):
-        train.main(dirs(tmp_path) + ["--eval-only", "--seed", "3"])  # another test split: refused
+        train.main(flags(tmp_path, source, "--eval-only", "--seed", "3"))  # another test split: refused
 
 
 # ----------------------------------------------------------------------------- progress and TensorBoard
@@ -788,9 +1077,10 @@ def test_a_terminal_gets_a_progress_bar(tmp_path):
     import struct
     import termios
 
+    source = blobs_csv(tmp_path / "blobs.csv")
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a size
-    run = subprocess.Popen([sys.executable, str(REPO / "train.py"), *dirs(tmp_path), "--epochs", "3"],
+    run = subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags(tmp_path, source, epochs=3)],
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
     os.close(follower)
     screen = b""
@@ -812,15 +1102,15 @@ def test_a_terminal_gets_a_progress_bar(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
 def test_tensorboard_writes_an_event_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    train.main(dirs(tmp_path) + ["--epochs", "3", "--tensorboard"])
-    events = list((tmp_path / "runs").glob("iris-*/events.out.tfevents.*"))
+    train.main(flags(tmp_path, blobs_csv(tmp_path / "blobs.csv"), "--tensorboard", epochs=3))
+    events = list((tmp_path / "runs").glob("blobs-*/events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
 
 
 def test_tensorboard_missing_is_one_clear_line_and_no_failure(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
-    train.main(dirs(tmp_path) + ["--epochs", "2", "--tensorboard"])
+    train.main(flags(tmp_path, blobs_csv(tmp_path / "blobs.csv"), "--tensorboard", epochs=2))
     assert "pip install tensorboard" in caplog.text
     assert not (tmp_path / "runs").exists()
 
