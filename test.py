@@ -393,16 +393,17 @@ def test_a_float16_grad_scaler_changes_the_scale_not_the_update(blobs):
     # With the scaler in the step (scaled backward, unscale before clipping, scaler.step), the weights move
     # exactly as without one: powers of two scale exactly. Skipping any of those moves them 2**14 times more,
     # or less.
-    results = []
-    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**14)):
-        model = model_for(data)
-        torch.manual_seed(1)
-        train.train_one_epoch(model, train.iterate_batches(*data["train"], 16),
-                              torch.optim.SGD(model.parameters(), lr=0.1), scaler=scaler, grad_clip=0.05)
-        results.append(params(model))
-    for plain, scaled in zip(*results):
-        torch.testing.assert_close(plain, scaled, msg="the grad scaler must scale the loss, unscale before "
-                                                      "clipping, and step the optimizer")
+    for grad_clip in (0.0, 0.05):  # unscaled by scaler.step, or before clipping
+        results = []
+        for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**14)):
+            model = model_for(data)
+            torch.manual_seed(1)
+            train.train_one_epoch(model, train.iterate_batches(*data["train"], 16),
+                                  torch.optim.SGD(model.parameters(), lr=0.1), scaler=scaler, grad_clip=grad_clip)
+            results.append(params(model))
+        for plain, scaled in zip(*results):
+            torch.testing.assert_close(plain, scaled, msg="the grad scaler must scale the loss, unscale before "
+                                                          "clipping, and step the optimizer")
 
 
 def test_the_scheduler_steps_once_per_optimizer_step(blobs):
