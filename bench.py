@@ -77,7 +77,7 @@ LOOPS = {"a": loop_train_py, "b": loop_article, "c": loop_minimal}
 
 def setup(name: str, features: int, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
-    model = train.TinyMLP(features, CLASSES).to(device)
+    model = train.build_model(features, CLASSES, train.TrainingConfig()).to(device)
     if name == "b":  # what the article does: default AdamW
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:  # what train.py does, so (c) isolates the loop's own overhead
