@@ -10,6 +10,7 @@ broken training loop would get wrong.
 """
 
 import copy
+import csv
 import errno
 import importlib.util
 import json
@@ -226,7 +227,7 @@ def test_readme_snippet_predicts_like_the_pipeline_on_raw_rows(iris_run, monkeyp
     assert capsys.readouterr().out.split()[::2] == ["Iris-setosa", "Iris-virginica"]
     # On every raw Iris row, the snippet agrees with the class train.py's own path assigns.
     raw = torch.from_numpy(np.loadtxt(IRIS_CSV, delimiter=",", skiprows=1, usecols=(1, 2, 3, 4), dtype=np.float32))
-    scope = {"RAW": raw}
+    scope = {"RAW": raw.tolist()}
     exec(re.sub(r"^rows = .*$", "rows = RAW", snippet, flags=re.M), scope)
     best = torch.load(root / "checkpoints/best_model.pt", weights_only=True)
     logits = train.predict(train.model_from_checkpoint(best), (raw - best["mean"]) / best["std"], batch_size=16)
@@ -766,7 +767,11 @@ BAD_INPUTS = {
     "header only": (["--dataset", "{header}", "--label-column", "y"], "has no rows"),
     "missing label column": (["--dataset", "{good}", "--label-column", "species"], "columns are: a, b, y"),
     "non-numeric value": (["--dataset", "{text}", "--label-column", "y"], "non-numeric value 'abc' in data row 2"),
-    "missing value": (["--dataset", "{hole}", "--label-column", "y"], "column 'b' has a missing"),
+    "missing value, strict": (["--dataset", "{hole}", "--label-column", "y", "--missing", "error"],
+                              "column 'b' has a missing value in data row 2"),
+    "infinite value": (["--dataset", "{inf}", "--label-column", "y"], "column 'b' holds an infinite value in data row 2"),
+    "unknown missing policy": (["--missing", "drop"], "--missing 'drop' is unknown"),
+    "unknown categorical column": (["--categorical-columns", "colour"], "colour cannot be used as features"),
     "single class": (["--dataset", "{one_class}", "--label-column", "y"], "single class"),
     "too few rows": (["--dataset", "{good}", "--label-column", "y"], "class 'x' has 2 rows: too few"),
     "uncached hub id offline": (["--dataset", "someone/not-cached"], "cannot be reached"),
@@ -789,7 +794,8 @@ def test_bad_input_gets_one_clear_line_and_leaves_every_file_alone(finished_run,
              "good": write_csv(root / "good.csv", "a,b,y\n1,2,x\n3,4,z\n5,6,x\n7,8,z\n"),
              "text": write_csv(root / "text.csv", "a,b,y\n1,2,x\n3,abc,z\n" + "5,6,x\n" * 9),
              "hole": write_csv(root / "hole.csv", "a,b,y\n1,2,x\n3,,z\n" + "5,6,z\n" * 9),
-             "one_class": write_csv(root / "one.csv", "a,b,y\n" + "1,2,x\n" * 9)}
+             "inf": write_csv(root / "inf.csv", "a,b,y\n1,2,x\n3,inf,z\n" + "5,6,z\n" * 9),
+             "one_class": write_csv(root / "one.csv", "a,b,y\n" + "".join(f"{i},{2 * i},x\n" for i in range(9)))}
     args, message = BAD_INPUTS[case]
     with pytest.raises(SystemExit) as exit_info:
         train.main(base + [a.format(**paths) for a in args])
@@ -1019,8 +1025,117 @@ def test_regression_learns_a_noisy_linear_target_and_predicts_near_the_truth(tmp
 
 def test_a_continuous_label_is_not_taken_for_classes(tmp_path):
     source = linear_csv(tmp_path / "linear.csv")
-    with pytest.raises(SystemExit, match="continuous values .* use --task regression"):
+    with pytest.raises(SystemExit, match="600 distinct numbers in 600 rows.* use --task regression"):
         train.main(flags(tmp_path, source, label="target"))
+
+
+def mixed_csv(path: Path, rows: int = 400, seed: int = 3) -> Path:
+    """A table as real ones come: an id, a number with blank cells, a text column with blanks, an
+    integer code that means categories, and a text label that depends on all of them."""
+    rng = np.random.default_rng(seed)
+    lines = ["customer_id,age,city,plan,spend,churn"]
+    for i in range(rows):
+        city, plan, age = ("Oslo", "Lima", "Pune", "Kyiv")[rng.integers(4)], int(rng.integers(1, 4)), rng.normal(40, 10)
+        score = 2.0 * (city in ("Oslo", "Pune")) - 1 + 1.5 * (plan == 3) - 1.5 * (plan == 1) + (age - 40) / 8
+        churn = "yes" if score + rng.normal(0, 0.3) > 0 else "no"
+        age_cell = "" if rng.random() < 0.1 else f"{age:.1f}"
+        city_cell = "" if rng.random() < 0.05 else city
+        lines.append(f"{i},{age_cell},{city_cell},{plan},{rng.gamma(2, 50):.2f},{churn}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def mixed_flags(root: Path, source: Path, *extra: str, epochs: int = 30) -> list[str]:
+    return flags(root, source, "--categorical-columns", "plan", *extra, label="churn", epochs=epochs)
+
+
+def test_text_and_blank_cells_become_inputs_learnt_from_the_training_split_only(tmp_path):
+    source = mixed_csv(tmp_path / "mixed.csv")
+    data = train.prepare_data(train.parse_config(mixed_flags(tmp_path, source)))
+    with open(source) as f:
+        table = list(csv.DictReader(f))
+    training = [table[i] for i in data["splits"]["train"]]
+    spec = data["preprocess"]
+    assert data["features"] == ["age", "city", "plan", "spend"]  # the id column is left out
+    ages = [float(r["age"]) for r in training if r["age"]]
+    assert spec["age"]["median"] == pytest.approx(float(np.median(ages)))  # the training rows' median only
+    assert spec["age"]["flag"] and "age was missing" in data["inputs"]
+    cities = {r["city"] or train.NA for r in training}
+    assert set(spec["city"]["categories"]) == cities  # a blank cell is a category of its own
+    assert spec["plan"]["categories"] == sorted(spec["plan"]["categories"], key=lambda c: -sum(
+        r["plan"] == c for r in training))  # most frequent first
+    assert {"plan=1", "plan=2", "plan=3", "plan=other", "city=other"} <= set(data["inputs"])
+    assert len(data["inputs"]) == data["train"][0].shape[1]
+
+
+def test_a_table_with_text_and_blank_cells_trains_and_predicts_raw_rows(tmp_path, caplog, capsys):
+    source = mixed_csv(tmp_path / "mixed.csv")
+    summary = train.main(mixed_flags(tmp_path, source))
+    assert summary["test_accuracy"] >= 0.85  # city and plan carry most of the signal
+    best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)  # the preprocessing loads safely
+    assert best["preprocess"]["city"]["kind"] == "categorical"
+    # The test rows, raw from the file (text, blank cells, columns in another order), predicted from the
+    # command line, get the classes the pipeline gave them.
+    data = train.prepare_data(train.parse_config(mixed_flags(tmp_path, source)))
+    with open(source) as f:
+        table = list(csv.DictReader(f))
+    rows = tmp_path / "rows.csv"
+    with open(rows, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["spend", "churn", "plan", "city", "age", "customer_id"])
+        writer.writeheader()
+        writer.writerows(table[i] for i in data["splits"]["test"])
+    capsys.readouterr()
+    lines = train.main(["--checkpoint-dir", str(tmp_path / "checkpoints"), "--predict", str(rows)])["predictions"]
+    outputs = train.predict(train.model_from_checkpoint(best), data["test"][0], 64)
+    assert [line.split("-> ")[1].split(" (")[0] for line in lines] == [data["classes"][i] for i in outputs.argmax(1)]
+    # A category training never saw works, and is counted; a blank number is filled.
+    caplog.clear()
+    lines = train.main(["--checkpoint-dir", str(tmp_path / "checkpoints"), "--predict", ",Atlantis,3,20;50,,2,"])
+    assert len(lines["predictions"]) == 2 and "1 row(s) have a 'city' category training never saw" in caplog.text
+
+
+def test_a_warm_run_says_what_happened_to_every_column_as_a_cold_one_does(tmp_path, caplog):
+    source = mixed_csv(tmp_path / "mixed.csv")
+    said = []
+    for _ in range(2):  # cold: reads the table; warm: reads the prepared cache
+        caplog.clear()
+        train.main(mixed_flags(tmp_path, source, epochs=1))
+        said.append([line for line in caplog.messages if line.startswith("column ")])
+    assert said[0] == said[1]
+    assert any(line.startswith("column customer_id: left out") for line in said[0])
+    assert any(line.startswith("column age: numeric, ") and "blank cells filled" in line for line in said[0])
+    assert any(line.startswith("column city: categorical, 5 categories") for line in said[0])
+
+
+def test_a_numeric_label_with_many_values_is_a_regression_target(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(300, 2))
+    price = (10_000 + 3_000 * x[:, 0] - 2_000 * x[:, 1]).round().astype(int)  # integers, hundreds of them
+    source = tmp_path / "prices.csv"
+    source.write_text("a,b,price\n" + "".join(f"{a:.4f},{b:.4f},{p}\n" for (a, b), p in zip(x, price)))
+    data = train.prepare_data(train.parse_config(flags(tmp_path, source, "--task", "auto", label="price")))
+    assert data["task"] == "regression"
+    with pytest.raises(SystemExit, match="distinct numbers in 300 rows, too many to be classes: use --task regression"):
+        train.prepare_data(train.parse_config(flags(tmp_path, source, label="price")))
+    digits = tmp_path / "digits.csv"  # a few integer values: classes, even under auto
+    digits.write_text("a,b,digit\n" + "".join(f"{a:.4f},{b:.4f},{i % 10}\n" for i, (a, b) in enumerate(x)))
+    data = train.prepare_data(train.parse_config(flags(tmp_path, digits, "--task", "auto", label="digit")))
+    assert data["task"] == "classification" and data["classes"] == list(range(10))
+
+
+def test_balanced_class_weights_are_inverse_class_frequencies_in_training(tmp_path):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    text = source.read_text().splitlines()
+    source.write_text("\n".join(text[:1] + text[1:41] + text[41:61] + text[81:91]) + "\n")  # 40 / 20 / 10 rows
+    plain = train.prepare_data(train.parse_config(flags(tmp_path, source)))
+    assert plain["class_weights"] is None
+    data = train.prepare_data(train.parse_config(flags(tmp_path, source, "--class-weight", "balanced")))
+    counts = np.bincount(data["train"][1].numpy(), minlength=3)
+    expected = counts.sum() / (3 * counts)
+    np.testing.assert_allclose(data["class_weights"].numpy(), expected, rtol=1e-6)
+    out, y = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 2, 2])
+    got = train.loss_function("classification", data["class_weights"])(out, y)
+    assert got.item() == pytest.approx(F.cross_entropy(out, y, weight=data["class_weights"]).item())
 
 
 # ----------------------------------------------------------------------------- predicting, evaluating
@@ -1042,7 +1157,7 @@ def test_predict_from_the_command_line_reads_rows_and_csv_files(blobs_run, tmp_p
 @pytest.mark.parametrize("rows, message", [
     ("0,0", "row 1 has 2 values; expected 3 values: width, height, depth"),
     ("0,0,0;1,2", "row 2 has 2 values"),
-    ("0,x,0", "not a number"),
+    ("0,x,0", "row 1: column 'height' needs a number (or an empty cell), not 'x'"),
 ])
 def test_predict_with_the_wrong_values_fails_clearly(blobs_run, rows, message):
     root, _, _ = blobs_run

@@ -32,6 +32,7 @@ import time
 import typing
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import MISSING, asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -51,8 +52,12 @@ class TrainingConfig:
     # data
     dataset: str = "scikit-learn/iris"  # Hugging Face hub id, or a local .csv/.json/.jsonl/.parquet file
     label_column: str = "Species"  # the column to predict
-    feature_columns: str = ""  # comma-separated input columns; empty: every numeric column but the label and ids
-    task: str = "classification"  # "classification", "regression", or "auto" (a float label of many values regresses)
+    feature_columns: str = ""  # comma-separated input columns; empty: every column but the label and id-like ones
+    categorical_columns: str = ""  # comma-separated columns to one-hot even though they hold numbers (codes)
+    max_categories: int = 20  # one-hot slots per categorical column: the most frequent; the rest share "other"
+    missing: str = "impute"  # blank numeric cells: "impute" (training median + a was-missing input) or "error"
+    task: str = "classification"  # "classification", "regression", or "auto" (a numeric label of many values regresses)
+    class_weight: str = "none"  # "none", or "balanced": weight the loss by inverse class frequency in training
     datasets_dir: str = "datasets"  # dataset cache; once a dataset is here, runs load it offline
     val_fraction: float = 0.15  # share of each class held out to pick the best epoch
     test_fraction: float = 0.15  # share of each class held out for one final test
@@ -152,6 +157,9 @@ def validate_config(cfg: TrainingConfig) -> None:
         (cfg.loader in ("auto", "memory", "dataloader"),
          f"--loader {cfg.loader!r} is unknown; use auto, memory or dataloader"),
         (cfg.scheduler in ("cosine", "none"), f"--scheduler {cfg.scheduler!r} is unknown; use cosine or none"),
+        (cfg.max_categories >= 1, "--max-categories must be at least 1"),
+        (cfg.missing in ("impute", "error"), f"--missing {cfg.missing!r} is unknown; use impute or error"),
+        (cfg.class_weight in ("none", "balanced"), f"--class-weight {cfg.class_weight!r} is unknown; use none or balanced"),
         (cfg.task in ("classification", "regression", "auto"),
          f"--task {cfg.task!r} is unknown; use classification, regression or auto"),
         (cfg.amp_dtype in ("auto", "bfloat16", "float16"),
@@ -299,61 +307,103 @@ def is_id_like(name: str) -> bool:
     return name in ("id", "index") or name.endswith("_id") or name.startswith("unnamed:")
 
 
-def table_to_arrays(table, label_column: str, feature_columns: str = "") -> tuple[np.ndarray, list, list[str]]:
-    """Features, labels and feature names. Features are the named columns, or else every numeric
-    column but the label and id-like ones; a text column whose values are all numbers is numeric."""
-    columns = list(table.column_names)
-    if label_column not in columns:
-        fail(f"--label-column {label_column!r} is not in the data; columns are: {', '.join(columns)}")
-    labels = list(table[label_column])
-    if None in labels:
-        fail(f"column {label_column!r} has no value in data row {labels.index(None) + 1}")
-    chosen = [c.strip() for c in feature_columns.split(",") if c.strip()]
-    missing = [c for c in chosen if c not in columns]
-    if missing or label_column in chosen:
-        fail(f"--feature-columns: {', '.join(missing) or label_column} cannot be used as features; "
-             f"columns are: {', '.join(columns)}")
-    candidates = chosen or [c for c in columns if c != label_column and not is_id_like(c)]
-    features, values = [], []
-    numpy_table = table.with_format("numpy")
-    for name in candidates:
-        column = numeric_column(name, numpy_table[name], table.features[name], required=bool(chosen))
-        if column is not None:
-            features.append(name)
-            values.append(column)
-    if not features:
-        fail(f"no numeric feature columns besides {label_column!r}; columns are: {', '.join(columns)}")
-    return np.stack(values, axis=1), labels, features
+BLANKS = ("", "?", "na", "n/a", "nan", "null", "none", "-")  # cells that mean "no value" in real tables
+NA = "(missing)"  # the category of a blank cell
 
 
-def numeric_column(name: str, column, kind, required: bool = False) -> np.ndarray | None:
-    """The column as float32, None for a text column to leave out, or a clear error for bad values."""
-    if getattr(kind, "dtype", "").startswith(("int", "uint", "float", "double", "bool")):
-        values = np.asarray(column, dtype=np.float32)
-    else:
-        raw = list(column)
-        parsed = [parse_number(v) for v in raw]
-        if all(v is None or np.isnan(v) for v in parsed) and not required:
-            log.info("leaving out column %r: it holds text, not numbers", name)
-            return None
-        bad = next((i for i, v in enumerate(parsed) if v is None), None)
-        if bad is not None:
-            fail(f"column {name!r} holds a non-numeric value '{raw[bad]}' in data row {bad + 1}")
-        values = np.asarray(parsed, dtype=np.float32)
-    missing = np.flatnonzero(~np.isfinite(values))
-    if len(missing):
-        fail(f"column {name!r} has a missing or non-finite value in data row {missing[0] + 1}")
-    return values
+def is_blank(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or \
+        (isinstance(value, str) and value.strip().lower() in BLANKS)
 
 
 def parse_number(value) -> float | None:
-    """float(value); NaN for an empty cell; None for anything that is not a number."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    """float(value); NaN for a blank cell; None for anything that is not a number."""
+    if is_blank(value):
         return math.nan
     try:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def category(value) -> str:
+    """A cell as a category: numbers by value (so 1, 1.0 and "1" agree), blanks as NA."""
+    if is_blank(value):
+        return NA
+    number = parse_number(value)
+    return f"{number:g}" if number is not None and math.isfinite(number) else str(value).strip()
+
+
+def read_column(table, name: str, as_category: bool, rows: np.ndarray) -> tuple[str, object]:
+    """One feature column, for the given rows: ("numeric", float64 array, NaN for blanks),
+    ("categorical", array of category strings), or ("left out", the reason)."""
+    values = table.data.column(name).to_numpy()[rows]
+    if values.dtype.kind in "iufb" and not as_category:
+        return "numeric", values.astype(np.float64)
+    if values.dtype == object and any(isinstance(v, (list, dict, np.ndarray)) for v in values[:100]):
+        return "left out", "not a column of single values"
+    if as_category:
+        return "categorical", np.array([category(v) for v in values], dtype=object)
+    parsed = [parse_number(v) for v in values]
+    text = [i for i, v in enumerate(parsed) if v is None]
+    filled = sum(not is_blank(v) for v in values)
+    if text and len(text) <= filled / 2:  # mostly numbers, a few words: a typo more likely than categories
+        i = text[0]
+        fail(f"column {name!r} holds a non-numeric value '{values[i]}' in data row {rows[i] + 1} among numbers; "
+             f"fix it, or pass --categorical-columns {name} to treat the column as categories")
+    if not text:
+        return "numeric", np.array(parsed, dtype=np.float64)
+    categories = np.array([category(v) for v in values], dtype=object)
+    distinct = len(set(categories.tolist()))
+    if distinct > max(20, len(values) // 2):
+        return "left out", f"text with {distinct} distinct values in {len(values)} rows: an identifier or free text"
+    return "categorical", categories
+
+
+def table_to_columns(table, cfg: TrainingConfig) -> dict:
+    """The raw feature columns, the labels and a note on every column, for rows with a label.
+    Features are the named columns, or else every column but the label and id-like ones."""
+    columns = list(table.column_names)
+    if cfg.label_column not in columns:
+        fail(f"--label-column {cfg.label_column!r} is not in the data; columns are: {', '.join(columns)}")
+    chosen, as_category = ([c.strip() for c in text.split(",") if c.strip()]
+                           for text in (cfg.feature_columns, cfg.categorical_columns))
+    unknown = [c for c in chosen + as_category if c not in columns]
+    if unknown or cfg.label_column in chosen:
+        fail(f"--feature-columns / --categorical-columns: {', '.join(unknown) or cfg.label_column} cannot be used "
+             f"as features; columns are: {', '.join(columns)}")
+    labels = table.data.column(cfg.label_column).to_numpy()
+    rows = np.array([i for i, v in enumerate(labels) if not is_blank(v)], dtype=np.int64)
+    if len(rows) == 0:
+        fail(f"column {cfg.label_column!r} has no values")
+    labels = labels[rows]
+    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        fail(f"column {cfg.label_column!r} holds an infinite value in data row {rows[~np.isfinite(labels)][0] + 1}")
+    features, notes = {}, {}
+    for name in chosen or [c for c in columns if c != cfg.label_column]:
+        if not chosen and is_id_like(name):
+            kind, values = "left out", "an id-like name"
+        else:
+            kind, values = read_column(table, name, name in as_category, rows)
+        if kind == "numeric" and np.isinf(values).any():
+            fail(f"column {name!r} holds an infinite value in data row {rows[np.isinf(values)][0] + 1}")
+        if kind == "numeric" and cfg.missing == "error" and np.isnan(values).any():
+            fail(f"column {name!r} has a missing value in data row {rows[np.isnan(values)][0] + 1} "
+                 "(--missing error); use --missing impute to fill it")
+        if kind == "numeric":  # one value in every row, or no value at all: nothing to learn from
+            filled = values[~np.isnan(values)]
+            if len(filled) == 0 or (len(filled) == len(values) and filled.min() == filled.max()):
+                kind, values = "left out", "constant"
+        elif kind == "categorical" and len(set(values.tolist())) < 2:
+            kind, values = "left out", "constant"
+        if kind == "left out":
+            notes[name] = f"left out ({values})"
+        else:
+            features[name] = (kind, values)
+    if not features:
+        fail(f"no usable feature columns besides {cfg.label_column!r}: "
+             + "; ".join(f"{k} {v}" for k, v in notes.items()))
+    return {"features": features, "labels": labels.tolist(), "notes": notes, "unlabelled": len(table) - len(rows)}
 
 
 def split_indices(y: np.ndarray, val_fraction: float, test_fraction: float, seed: int, classes=None) -> dict:
@@ -375,94 +425,194 @@ def split_indices(y: np.ndarray, val_fraction: float, test_fraction: float, seed
     return {name: np.sort(np.concatenate(p)) for name, p in parts.items()}
 
 
-PREPARED_VERSION = 1  # bump when the way a table becomes tensors changes
+PREPARED_VERSION = 2  # bump when the way a table becomes columns changes
 
 
 def source_fingerprint(cfg: TrainingConfig) -> dict | None:
-    """What the prepared tensors depend on; None while the source is not on this machine."""
+    """What the prepared columns depend on; None while the source is not on this machine."""
     path, saved = Path(cfg.dataset), saved_copy(cfg)
     files = [path] if path.is_file() else sorted(f for f in saved.rglob("*") if f.is_file())
     if not files:
         return None
-    return {"version": PREPARED_VERSION,  # the label and feature columns are in the cache file's name
+    return {"version": PREPARED_VERSION,  # the column settings are in the cache file's name
             "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
 
 
 def load_prepared(cfg: TrainingConfig) -> dict:
-    """All rows as tensors: x (raw float32), y (label values, or class ids for text labels, whose
-    sorted names are `names`), features. Built from the table once, then read back while the
-    source is unchanged, without even importing `datasets`."""
+    """table_to_columns' result, built from the table once, then read back while the source is
+    unchanged, without even importing `datasets`."""
     source = Path(cfg.dataset).resolve() if Path(cfg.dataset).is_file() else cfg.dataset
-    name = hashlib.sha1(f"{source}|{cfg.label_column}|{cfg.feature_columns}".encode()).hexdigest()[:12]
-    cache = Path(cfg.datasets_dir) / "prepared" / f"{Path(cfg.dataset).name}-{name}.pt"
+    settings = f"{source}|{cfg.label_column}|{cfg.feature_columns}|{cfg.categorical_columns}|{cfg.missing}"
+    cache = Path(cfg.datasets_dir) / "prepared" / f"{Path(cfg.dataset).name}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}.pt"
     fingerprint = source_fingerprint(cfg)
     if fingerprint is not None and cache.is_file():
         with suppress(Exception):  # an unreadable or stale cache is rebuilt, never trusted
             prepared = torch.load(cache, weights_only=True)
             if prepared["fingerprint"] == fingerprint:
+                prepared["features"] = {k: (kind, v.numpy() if kind == "numeric" else np.array(v, dtype=object))
+                                        for k, (kind, v) in prepared["features"].items()}
                 return prepared
-    x, labels, features = table_to_arrays(load_table(cfg), cfg.label_column, cfg.feature_columns)
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in labels):
-        y, names = torch.tensor(labels), None  # int64 or float64, as the column was
-    else:
-        names = sorted({str(v) for v in labels})
-        index = {n: i for i, n in enumerate(names)}
-        y = torch.tensor([index[str(v)] for v in labels])
-    prepared = {"x": torch.from_numpy(x), "y": y, "names": names, "features": features,
-                "fingerprint": source_fingerprint(cfg)}  # again: loading may have just saved the source
-    save_file(cache, lambda f: torch.save(prepared, f))
+    prepared = table_to_columns(load_table(cfg), cfg)
+    storable = {k: (kind, torch.from_numpy(v) if kind == "numeric" else v.tolist())  # weights_only: no ndarrays
+                for k, (kind, v) in prepared["features"].items()}
+    fingerprint = source_fingerprint(cfg)  # again: loading may have just saved the source
+    save_file(cache, lambda f: torch.save({**prepared, "features": storable, "fingerprint": fingerprint}, f))
     return prepared
 
 
-def resolve_task(cfg: TrainingConfig, y: np.ndarray, names: list | None, distinct: int) -> str:
-    """A float label with many distinct values is a regression target; anything else has classes."""
-    continuous = names is None and y.dtype.kind == "f" and distinct > 20
+def resolve_task(cfg: TrainingConfig, labels: list) -> str:
+    """A numeric label with many distinct values for its row count is a regression target."""
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in labels)
+    distinct = len(set(labels))
+    continuous = numeric and distinct > 20 and distinct > len(labels) // 20
     if cfg.task == "auto":
         return "regression" if continuous else "classification"
     if cfg.task == "classification" and continuous:
-        fail(f"column {cfg.label_column!r} holds continuous values ({distinct} distinct): "
-             "use --task regression (or --task auto)")
-    if cfg.task == "regression" and names is not None:
+        fail(f"column {cfg.label_column!r} holds {distinct} distinct numbers in {len(labels)} rows, too many to be "
+             "classes: use --task regression (or --task auto)")
+    if cfg.task == "regression" and not numeric:
         fail(f"--task regression needs a numeric label; column {cfg.label_column!r} holds text")
     return cfg.task
+
+
+def fit_inputs(features: dict, train_rows: np.ndarray, max_categories: int) -> dict:
+    """How raw columns become model inputs, learnt from the training rows only: each numeric
+    column's median (for blank cells, plus a 0/1 was-missing input if training had blanks), and
+    each categorical column's most frequent categories (one-hot; the rest share an "other" slot)."""
+    spec = {}
+    for name, (kind, values) in features.items():
+        seen = values[train_rows]
+        if kind == "numeric":
+            blanks = int(np.isnan(seen).sum())
+            median = float(np.nanmedian(seen)) if blanks < len(seen) else 0.0
+            spec[name] = {"kind": kind, "median": median, "flag": blanks > 0}
+        else:
+            names, counts = np.unique(seen.astype(str), return_counts=True)
+            order = np.argsort(-counts, kind="stable")
+            spec[name] = {"kind": kind, "categories": names[order[:max_categories]].tolist(),
+                          "rest": names[order[max_categories:]].tolist()}  # seen in training, but in "other"
+    return spec
+
+
+def input_names(spec: dict) -> list[str]:
+    names = []
+    for name, s in spec.items():
+        if s["kind"] == "numeric":
+            names += [name] + ([f"{name} was missing"] if s["flag"] else [])
+        else:
+            names += [f"{name}={c}" for c in s["categories"]] + [f"{name}=other"]
+    return names
+
+
+def encode(features: dict, spec: dict) -> tuple[np.ndarray, dict]:
+    """Raw columns (numeric arrays with NaN, category strings) to unnormalized float inputs, and
+    for each categorical column the number of rows whose category training never saw."""
+    parts, unseen = [], {}
+    for name, s in spec.items():
+        values = features[name]
+        if s["kind"] == "numeric":
+            values = np.asarray(values, dtype=np.float64)
+            blank = np.isnan(values)
+            parts.append(np.where(blank, s["median"], values)[:, None])
+            if s["flag"]:
+                parts.append(blank[:, None].astype(np.float64))
+        else:
+            slot = {c: i for i, c in enumerate(s["categories"])}
+            codes = np.array([slot.get(v, len(slot)) for v in values], dtype=np.int64)
+            known = set(s["categories"]) | set(s["rest"])
+            unseen[name] = sum(v not in known for v in values)
+            parts.append(np.eye(len(slot) + 1)[codes])
+    return np.concatenate(parts, axis=1), unseen
+
+
+def describe_columns(prepared: dict, spec: dict) -> list[str]:
+    """One line per column: what this run made of it."""
+    lines, plain = [], []
+    for name, (kind, values) in prepared["features"].items():
+        s = spec[name]
+        if kind == "numeric":
+            blanks = int(np.isnan(values).sum())
+            if blanks:
+                lines.append(f"{name}: numeric, {blanks} blank cells filled with the training median {s['median']:g}"
+                             + (" (plus a was-missing input)" if s["flag"] else ""))
+            else:
+                plain.append(name)
+        else:
+            other = f" + other ({len(s['rest'])} rarer)" if s["rest"] else " + other"
+            lines.append(f"{name}: categorical, {len(s['categories'])} categories{other}")
+    if plain:
+        lines.insert(0, f"numeric: {', '.join(plain[:12])}{f', ... ({len(plain)} columns)' if len(plain) > 12 else ''}")
+    return lines + [f"{name}: {note}" for name, note in prepared["notes"].items()]
 
 
 def prepare_data(cfg: TrainingConfig) -> dict:
     """Everything the loop needs, as plain tensors and values:
 
-    task: "classification" or "regression"; features, classes: names, in model input / output order
-    mean, std: normalization statistics of the training split, applied to every split
+    task: "classification" or "regression"; classes: names, in model output order
+    features: the raw columns a row must give; inputs: the model's input names, in order
+    preprocess: how raw columns become inputs (medians, categories), fit on the training split
+    mean, std: normalization statistics of the training split's inputs, applied to every split
     target_mean, target_std: the same for a regression target (0 and 1 for classification)
+    class_weights: the loss's weight per class (None: all 1)
     train, val, test: (x, y) tensors: x normalized float32; y class ids, or the standardized target
-    splits: the row indices of each split in the source table
+    splits: the row indices of each split in the (labelled rows of the) source table
     """
     prepared = load_prepared(cfg)
-    x, y, names = prepared["x"].numpy(), prepared["y"].numpy(), prepared["names"]
-    values, ids = np.unique(y, return_inverse=True) if names is None else (names, y)  # one sort of the labels
-    task = resolve_task(cfg, y, names, len(values))
+    labels = prepared["labels"]
+    task = resolve_task(cfg, labels)
     classes = []
-    if task == "classification":  # numeric labels: the sorted distinct values are the classes
-        classes, y = (values.tolist() if names is None else names), ids
+    if task == "classification":  # the sorted distinct values are the classes
+        classes = sorted(set(labels))
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.array([index[v] for v in labels], dtype=np.int64)
         if len(classes) < 2:
             fail(f"column {cfg.label_column!r} holds a single class ({classes[0]!r}); a classifier needs two or more")
-        shown = ", ".join(map(str, classes[:20])) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
-        log.info("classes: %s", shown)
+        log.info("classes: %s", ", ".join(map(str, classes[:20])) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else ""))
+    else:
+        y = np.asarray(labels, dtype=np.float64)
     splits = split_indices(y if task == "classification" else np.zeros(len(y), dtype=np.int64),
                            cfg.val_fraction, cfg.test_fraction, cfg.seed, classes)
+    spec = fit_inputs(prepared["features"], splits["train"], cfg.max_categories)
+    x, _ = encode({k: v for k, (_, v) in prepared["features"].items()}, spec)
     train_x = x[splits["train"]]
     mean, std = train_x.mean(axis=0), train_x.std(axis=0)
-    std[std == 0] = 1.0  # a constant feature stays 0 instead of dividing by zero
-    target_mean, target_std = 0.0, 1.0
+    std[std == 0] = 1.0  # a constant input stays 0 instead of dividing by zero
+    x = ((x - mean) / std).astype(np.float32)
+    if prepared["unlabelled"]:
+        log.info("left out %d rows with no %r", prepared["unlabelled"], cfg.label_column)
+    for line in describe_columns(prepared, spec):
+        log.info("column %s", line)
+    target_mean, target_std, weights = 0.0, 1.0, None
     if task == "regression":  # a standardized target keeps the loss near 1, whatever the label's units
-        train_y = y[splits["train"]]
-        target_mean, target_std = float(train_y.mean()), float(train_y.std() or 1.0)
+        target_mean, target_std = float(y[splits["train"]].mean()), float(y[splits["train"]].std() or 1.0)
         y = ((y - target_mean) / target_std).astype(np.float32)
-    data = {"task": task, "features": prepared["features"], "classes": classes, "splits": splits,
-            "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
-            "target_mean": target_mean, "target_std": target_std}
+    elif cfg.class_weight == "balanced":  # each class weighs as much in the loss, however rare
+        counts = np.bincount(y[splits["train"]], minlength=len(classes))
+        weights = torch.tensor(len(splits["train"]) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
+    data = {"task": task, "features": list(prepared["features"]), "inputs": input_names(spec), "classes": classes,
+            "preprocess": spec, "splits": splits, "columns": prepared["features"],
+            "mean": torch.from_numpy(mean.astype(np.float32)), "std": torch.from_numpy(std.astype(np.float32)),
+            "target_mean": target_mean, "target_std": target_std, "class_weights": weights}
     for name, rows in splits.items():
-        data[name] = (torch.from_numpy((x[rows] - mean) / std), torch.from_numpy(y[rows]))
+        data[name] = (torch.from_numpy(x[rows]), torch.from_numpy(y[rows]))
     return data
+
+
+def rows_to_inputs(rows, checkpoint: dict) -> tuple[torch.Tensor, dict]:
+    """Raw rows (lists in checkpoint["features"] order, or dicts by column name; numbers, text and
+    blanks as in the source table) to normalized model inputs, as the run did for its own rows.
+    Also returns, per categorical column, how many rows had a category training never saw."""
+    names, spec = checkpoint["features"], checkpoint["preprocess"]
+    rows = [[r.get(n) for n in names] if isinstance(r, dict) else list(r) for r in rows]
+    columns = {}
+    for j, name in enumerate(names):
+        cells = [r[j] for r in rows]
+        if spec[name]["kind"] == "numeric":
+            columns[name] = np.array([parse_number(v) for v in cells], dtype=np.float64)
+        else:
+            columns[name] = [category(v) for v in cells]
+    x, unseen = encode(columns, spec)
+    return ((torch.from_numpy(x) - checkpoint["mean"].double()) / checkpoint["std"].double()).float(), unseen
 
 
 def choose_loader(cfg: TrainingConfig, device: torch.device, data: dict) -> str:
@@ -585,8 +735,10 @@ def regression_loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean")
     return F.mse_loss(out.squeeze(-1), y, reduction=reduction)
 
 
-def loss_function(task: str):
-    return F.cross_entropy if task == "classification" else regression_loss
+def loss_function(task: str, class_weights: torch.Tensor | None = None):
+    if task == "regression":
+        return regression_loss
+    return F.cross_entropy if class_weights is None else partial(F.cross_entropy, weight=class_weights)
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -698,7 +850,8 @@ def predict(model, x: torch.Tensor, batch_size: int, amp_dtype=None) -> torch.Te
 
 CHECKPOINT_VERSION = 2
 # These decide the data and so the model's shape: a run cannot resume across a change to them.
-RESUME_MUST_MATCH = ("dataset", "label_column", "feature_columns", "val_fraction", "test_fraction", "seed")
+RESUME_MUST_MATCH = ("dataset", "label_column", "feature_columns", "categorical_columns", "max_categories", "missing",
+                     "val_fraction", "test_fraction", "seed")
 
 
 def save_file(path: Path, write) -> None:
@@ -736,8 +889,9 @@ def model_state(model, data: dict, cfg: TrainingConfig, epoch: int) -> dict:
     """The weights plus everything needed to rebuild the model and predict on raw rows."""
     return {
         "version": CHECKPOINT_VERSION, "model": model.state_dict(), "epoch": epoch,
-        "model_args": {"in_features": len(data["features"]), "out_features": len(data["classes"]) or 1},
-        "task": data["task"], "mean": data["mean"], "std": data["std"], "features": data["features"],
+        "model_args": {"in_features": len(data["inputs"]), "out_features": len(data["classes"]) or 1},
+        "task": data["task"], "features": data["features"], "inputs": data["inputs"],
+        "preprocess": data["preprocess"], "mean": data["mean"], "std": data["std"],
         "classes": data["classes"], "target_mean": data["target_mean"], "target_std": data["target_std"],
         "config": asdict(cfg),
     }
@@ -800,7 +954,7 @@ def model_from_checkpoint(checkpoint: dict, path: Path | str = "the checkpoint")
 
 def check_same_data(checkpoint: dict, path: Path, cfg: TrainingConfig, data: dict) -> None:
     """Refuse a checkpoint from a run on other data: its splits, features or classes differ."""
-    derived = ("task", "features", "classes")  # recorded beside the config, derived from the data
+    derived = ("task", "features", "inputs", "classes")  # recorded beside the config, derived from the data
     saved = {**checkpoint["config"], **{k: checkpoint.get(k) for k in derived}}
     current = {**asdict(cfg), **{k: data[k] for k in derived}}
     differ = [f"{k} ({saved.get(k)!r} there, {current[k]!r} now)"
@@ -826,9 +980,13 @@ def classification_report(logits: torch.Tensor, y: torch.Tensor, classes: list) 
         recall = tp / actual if actual else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[str(name)] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
+    recalls = [m["recall"] for m in per_class.values() if m["support"]]
     return {
-        "accuracy": cm.trace().item() / max(rows, 1), "loss": loss_sum / max(rows, 1),
-        "rows": rows, "classes": classes, "confusion_matrix": cm.tolist(), "per_class": per_class,
+        "accuracy": cm.trace().item() / max(rows, 1), "loss": loss_sum / max(rows, 1), "rows": rows,
+        # rare classes count as much as common ones in these two
+        "balanced_accuracy": sum(recalls) / max(len(recalls), 1),
+        "macro_f1": sum(m["f1"] for m in per_class.values()) / n,
+        "classes": classes, "confusion_matrix": cm.tolist(), "per_class": per_class,
     }
 
 
@@ -849,15 +1007,24 @@ def describe_predictions(outputs: torch.Tensor, meta: dict) -> list[str]:
     return [f"{v * meta['target_std'] + meta['target_mean']:.6g}" for v in outputs.squeeze(-1).tolist()]
 
 
-def log_report(report: dict, outputs: torch.Tensor, y: torch.Tensor, raw_x: torch.Tensor, data: dict,
+def raw_row(data: dict, row: int) -> str:
+    """A source row's feature cells as the table had them (a blank cell shows as an empty field)."""
+    cells = [values[row] for _, values in data["columns"].values()]
+    return ", ".join("" if isinstance(v, float) and math.isnan(v) else f"{v:g}" if isinstance(v, float) else
+                     "" if v == NA else str(v) for v in cells)
+
+
+def log_report(report: dict, outputs: torch.Tensor, y: torch.Tensor, rows: np.ndarray, data: dict,
                shown: int = 5) -> None:
+    """The test metrics, and a few test rows (source row numbers `rows`) with their predictions."""
     if data["task"] == "regression":
         log.info("test: rmse %.4g, mae %.4g, r2 %.4f on %d rows", report["rmse"], report["mae"], report["r2"],
                  report["rows"])
         truths = [f"{v * data['target_std'] + data['target_mean']:.6g}" for v in y.tolist()]
     else:
         classes = report["classes"]
-        log.info("test: accuracy %.4f, loss %.4f on %d rows", report["accuracy"], report["loss"], report["rows"])
+        log.info("test: accuracy %.4f, balanced accuracy %.4f, macro F1 %.4f, loss %.4f on %d rows",
+                 report["accuracy"], report["balanced_accuracy"], report["macro_f1"], report["loss"], report["rows"])
         if len(classes) <= 20:  # past that, a matrix in the log is noise: test_report.json holds it
             width = max(len(str(c)) for c in classes)
             log.info("confusion matrix (rows = true, columns = predicted):")
@@ -870,8 +1037,8 @@ def log_report(report: dict, outputs: torch.Tensor, y: torch.Tensor, raw_x: torc
     # Examples spread over the sorted labels: several classes (or the target's range), not the first rows.
     picks = np.unique(np.argsort(y.numpy(), kind="stable")[np.linspace(0, len(y) - 1, shown).round().astype(int)])
     said = describe_predictions(outputs[picks], data)
-    for i, row in enumerate(picks):
-        log.info("  [%s] -> %s, true %s", ", ".join(f"{v:g}" for v in raw_x[row].tolist()), said[i], truths[row])
+    for i, pick in enumerate(picks):
+        log.info("  [%s] -> %s, true %s", raw_row(data, rows[pick]), said[i], truths[pick])
 
 
 def figure(title: str, width: float, height: float, panels: int = 1, layout: str | None = "constrained"):
@@ -995,7 +1162,7 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
         train_split, val_split = [(x.to(device), y.to(device)) for x, y in (train_split, val_split)]
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x the float32 throughput on Ampere+
-    model = build_model(len(data["features"]), len(data["classes"]) or 1, cfg).to(device)
+    model = build_model(len(data["inputs"]), len(data["classes"]) or 1, cfg).to(device)
     eval_model = torch.compile(model) if cfg.compile else model  # checkpoints save `model`: no prefixes
     train_model = eval_model
     if world > 1:
@@ -1024,8 +1191,8 @@ def batches_per_epoch(cfg: TrainingConfig, data: dict, world: int) -> int:
 
 def log_setup(run: Run) -> None:
     cfg, data = run.cfg, run.data
-    log.info("data: %s, %s of %r from %d features%s; %d train / %d val / %d test rows; loader: %s",
-             cfg.dataset, data["task"], cfg.label_column, len(data["features"]),
+    log.info("data: %s, %s of %r from %d columns (%d inputs)%s; %d train / %d val / %d test rows; loader: %s",
+             cfg.dataset, data["task"], cfg.label_column, len(data["features"]), len(data["inputs"]),
              f", {len(data['classes'])} classes" if data["classes"] else "",
              len(data["train"][0]), len(data["val"][0]), len(data["test"][0]), cfg.loader)
     log.info("device: %s%s, amp: %s, %d parameters; batch %d x %d accumulation x %d rank(s) = effective batch %d",
@@ -1038,7 +1205,8 @@ def fit(run: Run, argv: list[str] | None = None) -> None:
     """The epoch loop: train, validate, keep the best, save, log. Ends after cfg.epochs, on early
     stopping, or on a signal (then with exit status 128 + signal, after saving what finished)."""
     cfg, progress = run.cfg, run.progress
-    loss_fn = loss_function(run.data["task"])
+    weights = run.data["class_weights"]
+    loss_fn = loss_function(run.data["task"], None if weights is None else weights.to(run.device))
     with stop_on_signals() as stop, live_view(run) as view:
         for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
             if cfg.early_stopping_patience and progress["stale"] >= cfg.early_stopping_patience:
@@ -1147,7 +1315,7 @@ def run_title(run: Run) -> str:
 def report(run: Run, outputs: torch.Tensor, rows: torch.Tensor) -> dict:
     """test_report.json, the plots and the log's summary; returns what main() returns."""
     cfg, data, progress = run.cfg, run.data, run.progress
-    x_test, y_test = (t[rows] for t in data["test"])
+    y_test = data["test"][1][rows]
     result = {**test_report(outputs, y_test, data, cfg.label_column), "best_epoch": progress["best_epoch"]}
     write_json(run.out / "test_report.json", result)
     title = run_title(run)
@@ -1160,7 +1328,7 @@ def report(run: Run, outputs: torch.Tensor, rows: torch.Tensor) -> dict:
         else:  # under DDP, the points are rank 0's share of the test rows
             unscale = lambda t: t.squeeze(-1).numpy() * data["target_std"] + data["target_mean"]  # noqa: E731
             plot_predictions(unscale(y_test), unscale(outputs), result, title, figure_path)
-    log_report(result, outputs, y_test, x_test * data["std"] + data["mean"], data)
+    log_report(result, outputs, y_test, data["splits"]["test"][rows.numpy()], data)
     written = [run.best_path, run.last_path, run.out / "history.json", run.out / "loss_curve.png", figure_path,
                run.out / "test_report.json"]
     headline = f"test accuracy {result['accuracy']:.4f}" if "accuracy" in result else f"test r2 {result['r2']:.4f}"
@@ -1308,9 +1476,9 @@ def show_epoch(run: Run, view: dict) -> None:
                 view["writer"].add_scalar(name.replace("_", "/", 1), value, epoch)
 
 
-def parse_rows(spec: str, features: list[str]) -> list[list[float]]:
-    """Raw rows from "5.1,3.5;6.7,3.0" or from a CSV file. A CSV may start with a header row; then
-    its columns are matched to the features by name, in any order, and other columns are ignored."""
+def parse_rows(spec: str, features: list[str]) -> list[list[str]]:
+    """Raw rows from "5.1,3.5;6.7,3.0" or from a CSV file, as cells in the order of `features`. A CSV
+    may start with a header row naming the columns in any order (other columns are ignored)."""
     expected = f"expected {len(features)} values: {', '.join(features)}"
     if Path(spec).suffix.lower() == ".csv" or Path(spec).is_file():
         try:
@@ -1318,25 +1486,18 @@ def parse_rows(spec: str, features: list[str]) -> list[list[float]]:
                 records = [r for r in csv.reader(f) if r]
         except OSError as e:
             fail(f"--predict {spec}: {e.strerror or e}")
-        if records and parse_number(records[0][0]) is None:  # a header row
+        if records and set(features) <= {c.strip() for c in records[0]}:  # a header row
             header = [c.strip() for c in records[0]]
-            missing = [name for name in features if name not in header]
-            if missing:
-                fail(f"--predict {spec}: the header lacks {', '.join(missing)}; {expected}")
-            records = [[r[header.index(name)] for name in features] for r in records[1:] if len(r) == len(header)]
+            records = [[r[header.index(name)] for name in features] if len(r) == len(header) else r
+                       for r in records[1:]]
     else:
         records = [r.split(",") for r in spec.split(";") if r.strip()]
-    rows = []
     for i, record in enumerate(records, 1):
-        values = [parse_number(v) for v in record]
-        if len(values) != len(features):
-            fail(f"--predict row {i} has {len(values)} values; {expected}")
-        if any(v is None or math.isnan(v) for v in values):
-            fail(f"--predict row {i} ({','.join(record)}) holds a value that is not a number; {expected}")
-        rows.append(values)
-    if not rows:
+        if len(record) != len(features):
+            fail(f"--predict row {i} has {len(record)} values; {expected}")
+    if not records:
         fail(f"--predict: no rows given; {expected}")
-    return rows
+    return [[cell.strip() for cell in record] for record in records]
 
 
 def predict_from_cli(cfg: TrainingConfig) -> list[str]:
@@ -1346,10 +1507,17 @@ def predict_from_cli(cfg: TrainingConfig) -> list[str]:
         fail(f"{path} does not exist: train first (python train.py), or point --checkpoint-dir at a run")
     checkpoint = load_checkpoint(path)
     rows = parse_rows(cfg.predict, checkpoint["features"])
-    model = model_from_checkpoint(checkpoint, path)
-    outputs = predict(model, (torch.tensor(rows) - checkpoint["mean"]) / checkpoint["std"], batch_size=1024)
-    lines = [f"{', '.join(f'{v:g}' for v in row)} -> {said}"
-             for row, said in zip(rows, describe_predictions(outputs, checkpoint))]
+    for i, row in enumerate(rows, 1):
+        for name, cell in zip(checkpoint["features"], row):
+            number = parse_number(cell)
+            if checkpoint["preprocess"][name]["kind"] == "numeric" and (number is None or math.isinf(number)):
+                fail(f"--predict row {i}: column {name!r} needs a number (or an empty cell), not {cell!r}")
+    inputs, unseen = rows_to_inputs(rows, checkpoint)
+    outputs = predict(model_from_checkpoint(checkpoint, path), inputs, batch_size=1024)
+    for name, count in unseen.items():
+        if count:
+            log.warning("%d row(s) have a %r category training never saw: they use its 'other' slot", count, name)
+    lines = [f"{', '.join(row)} -> {said}" for row, said in zip(rows, describe_predictions(outputs, checkpoint))]
     print("\n".join(lines))
     return lines
 
