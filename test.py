@@ -751,7 +751,9 @@ def write_csv(path: Path, text: str) -> str:
 
 
 BAD_INPUTS = {
-    "batch size 0": (["--batch-size", "0"], "--batch-size must be at least 1"),
+    "batch size -1": (["--batch-size", "-1"], "--batch-size must be at least 1"),
+    "label smoothing 1": (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    "unknown class weight": (["--class-weight", "inverse"], "--class-weight 'inverse' is unknown"),
     "epochs 0": (["--epochs", "0"], "--epochs must be at least 1"),
     "learning rate 0": (["--learning-rate", "0"], "--learning-rate must be above 0"),
     "fraction above 1": (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
@@ -807,10 +809,10 @@ def test_bad_input_gets_one_clear_line_and_leaves_every_file_alone(finished_run,
 
 
 def test_bad_input_on_the_command_line_prints_one_line_and_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *dirs(tmp_path), "--batch-size", "0"],
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *dirs(tmp_path), "--epochs", "0"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr == "error: --batch-size must be at least 1\n"
+    assert result.stderr == "error: --epochs must be at least 1\n"
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "old version", "other model"])

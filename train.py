@@ -64,9 +64,10 @@ class TrainingConfig:
     seed: int = 42  # seeds the splits, the initial weights, dropout and shuffling
     # optimization
     epochs: int = 50  # passes over the training split
-    batch_size: int = 16  # rows per step, per rank (see grad_accum_steps)
+    batch_size: int = 0  # rows per step, per rank (see grad_accum_steps); 0: grows with the data, 16 to 512
     learning_rate: float = 1e-2  # peak AdamW learning rate
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    label_smoothing: float = 0.1  # classification: train toward 0.9 (+0.1 spread) so confidence stays honest
     scheduler: str = "cosine"  # "cosine" (linear warmup, then cosine decay to zero) or "none"
     warmup_fraction: float = 0.05  # share of all steps spent warming up when scheduler is "cosine"
     grad_clip: float = 1.0  # largest gradient norm allowed; 0 turns clipping off
@@ -142,7 +143,8 @@ def validate_config(cfg: TrainingConfig) -> None:
     """Refuse impossible values before anything is read or written."""
     rules = [
         (cfg.epochs >= 1, "--epochs must be at least 1"),
-        (cfg.batch_size >= 1, "--batch-size must be at least 1"),
+        (cfg.batch_size >= 0, "--batch-size must be at least 1 (or 0: chosen from the data's size)"),
+        (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (cfg.learning_rate > 0, "--learning-rate must be above 0"),
         (cfg.weight_decay >= 0, "--weight-decay must be 0 or more"),
         (0 < cfg.val_fraction < 1, "--val-fraction must be between 0 and 1"),
@@ -477,7 +479,8 @@ def resolve_task(cfg: TrainingConfig, labels: list) -> str:
 
 def fit_inputs(features: dict, train_rows: np.ndarray, max_categories: int) -> dict:
     """How raw columns become model inputs, learnt from the training rows only: each numeric
-    column's median (for blank cells, plus a 0/1 was-missing input if training had blanks), and
+    column's median (for blank cells, plus a 0/1 was-missing input if 1% or more of the training
+    rows had blanks there), and
     each categorical column's most frequent categories (one-hot; the rest share an "other" slot)."""
     spec = {}
     for name, (kind, values) in features.items():
@@ -485,7 +488,8 @@ def fit_inputs(features: dict, train_rows: np.ndarray, max_categories: int) -> d
         if kind == "numeric":
             blanks = int(np.isnan(seen).sum())
             median = float(np.nanmedian(seen)) if blanks < len(seen) else 0.0
-            spec[name] = {"kind": kind, "median": median, "flag": blanks > 0}
+            # A flag set in a row or two of a thousand is an input the model can only memorize.
+            spec[name] = {"kind": kind, "median": median, "flag": blanks > 0 and blanks >= 0.01 * len(seen)}
         else:
             names, counts = np.unique(seen.astype(str), return_counts=True)
             order = np.argsort(-counts, kind="stable")
@@ -494,14 +498,15 @@ def fit_inputs(features: dict, train_rows: np.ndarray, max_categories: int) -> d
     return spec
 
 
-def input_names(spec: dict) -> list[str]:
-    names = []
+def model_inputs(spec: dict) -> list[tuple[str, bool]]:
+    """The model's inputs, in order: (name, whether it is a 0/1 input)."""
+    inputs = []
     for name, s in spec.items():
         if s["kind"] == "numeric":
-            names += [name] + ([f"{name} was missing"] if s["flag"] else [])
+            inputs += [(name, False)] + ([(f"{name} was missing", True)] if s["flag"] else [])
         else:
-            names += [f"{name}={c}" for c in s["categories"]] + [f"{name}=other"]
-    return names
+            inputs += [(f"{name}={c}", True) for c in s["categories"]] + [(f"{name}=other", True)]
+    return inputs
 
 
 def encode(features: dict, spec: dict) -> tuple[np.ndarray, dict]:
@@ -577,6 +582,10 @@ def prepare_data(cfg: TrainingConfig) -> dict:
     train_x = x[splits["train"]]
     mean, std = train_x.mean(axis=0), train_x.std(axis=0)
     std[std == 0] = 1.0  # a constant input stays 0 instead of dividing by zero
+    # 0/1 inputs (one-hot, was-missing) stay 0/1: standardized, a flag set in one training row
+    # in a thousand would reach 30 and swamp every other input.
+    binary = np.array([flag for _, flag in model_inputs(spec)])
+    mean[binary], std[binary] = 0.0, 1.0
     x = ((x - mean) / std).astype(np.float32)
     if prepared["unlabelled"]:
         log.info("left out %d rows with no %r", prepared["unlabelled"], cfg.label_column)
@@ -589,7 +598,7 @@ def prepare_data(cfg: TrainingConfig) -> dict:
     elif cfg.class_weight == "balanced":  # each class weighs as much in the loss, however rare
         counts = np.bincount(y[splits["train"]], minlength=len(classes))
         weights = torch.tensor(len(splits["train"]) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
-    data = {"task": task, "features": list(prepared["features"]), "inputs": input_names(spec), "classes": classes,
+    data = {"task": task, "features": list(prepared["features"]), "inputs": [name for name, _ in model_inputs(spec)], "classes": classes,
             "preprocess": spec, "splits": splits, "columns": prepared["features"],
             "mean": torch.from_numpy(mean.astype(np.float32)), "std": torch.from_numpy(std.astype(np.float32)),
             "target_mean": target_mean, "target_std": target_std, "class_weights": weights}
@@ -735,10 +744,13 @@ def regression_loss(out: torch.Tensor, y: torch.Tensor, reduction: str = "mean")
     return F.mse_loss(out.squeeze(-1), y, reduction=reduction)
 
 
-def loss_function(task: str, class_weights: torch.Tensor | None = None):
+def loss_function(task: str, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0):
+    """The training loss. Evaluation always reports plain (unweighted, unsmoothed) cross-entropy."""
     if task == "regression":
         return regression_loss
-    return F.cross_entropy if class_weights is None else partial(F.cross_entropy, weight=class_weights)
+    if class_weights is None and not label_smoothing:
+        return F.cross_entropy
+    return partial(F.cross_entropy, weight=class_weights, label_smoothing=label_smoothing)
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -1156,7 +1168,10 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     data = prepare_data(cfg)
     if rank == 0:
         barrier()
-    cfg = replace(cfg, loader=choose_loader(cfg, device, data))
+    # A batch that grows with the data: 16 rows up to ~1,500 training rows, then doubling to 512
+    # at ~25,000; steps stay many enough to learn a small table, few enough to be quick on a big one.
+    batch = cfg.batch_size or int(np.clip(2 ** round(math.log2(len(data["train"][0]) / 64)), 16, 512))
+    cfg = replace(cfg, loader=choose_loader(cfg, device, data), batch_size=batch)
     train_split, val_split = data["train"], data["val"]
     if cfg.loader == "memory":  # put the data on the device once, not batch by batch
         train_split, val_split = [(x.to(device), y.to(device)) for x, y in (train_split, val_split)]
@@ -1206,7 +1221,7 @@ def fit(run: Run, argv: list[str] | None = None) -> None:
     stopping, or on a signal (then with exit status 128 + signal, after saving what finished)."""
     cfg, progress = run.cfg, run.progress
     weights = run.data["class_weights"]
-    loss_fn = loss_function(run.data["task"], None if weights is None else weights.to(run.device))
+    loss_fn = loss_function(run.data["task"], None if weights is None else weights.to(run.device), cfg.label_smoothing)
     with stop_on_signals() as stop, live_view(run) as view:
         for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
             if cfg.early_stopping_patience and progress["stale"] >= cfg.early_stopping_patience:

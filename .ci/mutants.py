@@ -76,7 +76,7 @@ EDITS = {
     "accumulated loss not divided by the micro-batch count": [
         ("scaler.scale(loss / accum_steps).backward()", "scaler.scale(loss).backward()")],
     "checkpoint without normalization statistics": [
-        ('"mean": data["mean"], "std": data["std"], ', "")],
+        ('"mean": data["mean"], "std": data["std"],', "")],
     "hub offline mode not set": [
         ('        os.environ["HF_HUB_OFFLINE"] = "1"\n', "        pass\n")],
 }
