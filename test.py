@@ -1086,6 +1086,9 @@ def test_a_table_with_text_and_blank_cells_trains_and_predicts_raw_rows(tmp_path
         writer = csv.DictWriter(f, fieldnames=["spend", "churn", "plan", "city", "age", "customer_id"])
         writer.writeheader()
         writer.writerows(table[i] for i in data["splits"]["test"])
+    inputs, unseen = train.rows_to_inputs([table[i] for i in data["splits"]["test"]], best)  # dicts, raw strings
+    torch.testing.assert_close(inputs, data["test"][0])  # the checkpoint reproduces the run's preprocessing
+    assert not any(unseen.values())
     capsys.readouterr()
     lines = train.main(["--checkpoint-dir", str(tmp_path / "checkpoints"), "--predict", str(rows)])["predictions"]
     outputs = train.predict(train.model_from_checkpoint(best), data["test"][0], 64)
