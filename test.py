@@ -778,7 +778,9 @@ BAD_INPUTS = {
     "too few rows": (["--dataset", "{good}", "--label-column", "y"], "class 'x' has 2 rows: too few"),
     "uncached hub id offline": (["--dataset", "someone/not-cached"], "cannot be reached"),
     "resume with another seed": (["--resume", "--seed", "7"], "seed (0 there, 7 now)"),
-    "output dir is a file": (["--output-dir", "{empty}/out"], "cannot create the folder"),
+    "output dir is a file": (["--output-dir", "{empty}/out"], "cannot create or write to the folder"),
+    "seed out of range": (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+    "huge batch": (["--batch-size", "20000000000000000000"], "--batch-size must be below 2**31"),
     "loss blows up": (["--learning-rate", "1e38", "--grad-clip", "0"], "epoch 1: the training loss is"),
 }
 
@@ -859,19 +861,92 @@ def test_non_finite_loss_mid_run_keeps_the_previous_best(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["epoch"] == 3
 
 
-def test_disk_full_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64")])
+def test_a_full_disk_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch, error):
     source = blobs_csv(tmp_path / "blobs.csv")
     train.main(flags(tmp_path, source, epochs=2))
     best_bytes = (tmp_path / "checkpoints/best_model.pt").read_bytes()
 
-    def no_space(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def disk_full(obj, f, *args, **kwargs):  # a real full disk fails part-way through the file
+        f.write(b"partial")
+        raise error
 
-    monkeypatch.setattr(torch, "save", no_space)
-    with pytest.raises(SystemExit, match=r"could not write .*best_model.pt: No space left on device"):
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
         train.main(flags(tmp_path, source, epochs=2))
+    message = exit_info.value.code
+    assert message.startswith("error: could not write") and "best_model.pt" in message and "\n" not in message
     assert (tmp_path / "checkpoints/best_model.pt").read_bytes() == best_bytes
     assert not list((tmp_path / "checkpoints").glob(".*tmp"))  # no half-written file left behind
+
+
+def test_an_empty_predict_is_an_error_not_a_training_run(blobs_run, tmp_path):
+    root, _, _ = blobs_run
+    before = (root / "checkpoints/best_model.pt").read_bytes()
+    with pytest.raises(SystemExit, match="--predict was given an empty value"):
+        train.main(["--checkpoint-dir", str(root / "checkpoints"), "--output-dir", str(tmp_path), "--predict", ""])
+    assert (root / "checkpoints/best_model.pt").read_bytes() == before and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("0,inf,0", "row 1: column 'height' needs a finite number (or an empty cell), not 'inf'"),
+    ("0,0,0;nan,0,0", "row 2: column 'width' needs a finite number"),
+    ("0,0,0,1;" * 100, "row 1 has 4 values"),  # longer than a file name may be: still read as rows
+])
+def test_predict_refuses_non_finite_and_odd_rows_in_one_line(blobs_run, rows, message):
+    root, _, _ = blobs_run
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--checkpoint-dir", str(root / "checkpoints"), "--predict", rows])
+    assert "\n" not in exit_info.value.code and message in exit_info.value.code
+
+
+def test_predict_reads_negative_rows_byte_order_marks_and_refuses_other_encodings(blobs_run, tmp_path):
+    root, _, _ = blobs_run
+    checkpoint = ["--checkpoint-dir", str(root / "checkpoints")]
+    assert len(train.main(checkpoint + ["--predict", "-1.5,0,0"])["predictions"]) == 1  # not taken for a flag
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("width,height,depth\n0,0,0\n".encode("utf-8-sig"))
+    assert train.main(checkpoint + ["--predict", str(bom)])["predictions"][0].startswith("0, 0, 0 -> ")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("width,height,depth\n0,0,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match="not a UTF-8 CSV file"):
+        train.main(checkpoint + ["--predict", str(latin)])
+
+
+def test_many_classes_keep_the_log_and_plots_small(tmp_path, caplog):
+    rng = np.random.default_rng(5)
+    source = tmp_path / "many.csv"
+    source.write_text("a,b,label\n" + "".join(f"{rng.normal():.4f},{rng.normal():.4f},class-{i % 300}\n"
+                                               for i in range(1500)))
+    train.main(flags(tmp_path, source, label="label", epochs=1))
+    assert max(len(line) for line in caplog.messages) < 1000 and "(300 in all)" in caplog.text
+    assert (tmp_path / "training-loop/confusion_matrix.png").stat().st_size < 2_000_000
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_a_stop_outside_the_epoch_loop_is_one_line_and_its_exit_status(tmp_path, signum, status):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    run = subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags(tmp_path, source)],
+                           stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in run.stderr:  # the first line comes while the data is prepared, before any epoch
+        lines.append(line)
+        if len(lines) == 1:
+            run.send_signal(signum)
+    assert run.wait(timeout=120) == status
+    assert "Traceback" not in "".join(lines) and f"stopped by {signal.Signals(signum).name}" in "".join(lines)
+
+
+def test_the_script_exits_through_the_interpreter_so_atexit_hooks_run(tmp_path):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    marker = tmp_path / "atexit-ran"
+    hook = (f"import atexit, runpy, sys; atexit.register(lambda: open({str(marker)!r}, 'w').write('ran')); "
+            f"sys.argv = ['train.py', *{flags(tmp_path, source, epochs=1)!r}]; "
+            f"runpy.run_path({str(REPO / 'train.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", hook], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert marker.read_text() == "ran"  # a tracker's or profiler's exit hook is not skipped
 
 
 # ----------------------------------------------------------------------------- speed paths (correctness only)
@@ -1162,7 +1237,7 @@ def test_predict_from_the_command_line_reads_rows_and_csv_files(blobs_run, tmp_p
 @pytest.mark.parametrize("rows, message", [
     ("0,0", "row 1 has 2 values; expected 3 values: width, height, depth"),
     ("0,0,0;1,2", "row 2 has 2 values"),
-    ("0,x,0", "row 1: column 'height' needs a number (or an empty cell), not 'x'"),
+    ("0,x,0", "row 1: column 'height' needs a finite number (or an empty cell), not 'x'"),
 ])
 def test_predict_with_the_wrong_values_fails_clearly(blobs_run, rows, message):
     root, _, _ = blobs_run

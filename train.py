@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -87,7 +88,7 @@ class TrainingConfig:
     log_every: int = 10  # log every N epochs (the first and last are always logged)
     tensorboard: bool = False  # also log scalars to runs/<dataset>-<time> (needs: pip install tensorboard)
     # instead of training
-    predict: str = ""  # raw rows "5.1,3.5,1.4,0.2;6.7,3,5.2,2.3" or a .csv file: print best_model.pt's predictions
+    predict: str | None = None  # raw rows "5.1,3.5,1.4,0.2;6.7,3,5.2,2.3" or a .csv file: print best_model.pt's predictions
     eval_only: bool = False  # evaluate best_model.pt on the test split and rewrite the report and plots
 
 
@@ -130,6 +131,9 @@ def parse_config(argv: list[str] | None = None, config_class=TrainingConfig) -> 
                             **flag_options(f.name, kinds[f.name]))
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = [re.sub(r"^--[^=]+", lambda m: m[0].replace("_", "-"), a) for a in argv]
+    for i in range(len(argv) - 1, 0, -1):  # "--predict -1.5,2": argparse would take the rows for a flag
+        if argv[i - 1] == "--predict" and re.match(r"-[\d.]", argv[i]):
+            argv[i - 1:i + 1] = [f"--predict={argv[i]}"]
     values = vars(parser.parse_args(argv))
     return config_class(**{k: tuple(v) if typing.get_origin(kinds[k]) is tuple else v for k, v in values.items()})
 
@@ -143,6 +147,9 @@ def validate_config(cfg: TrainingConfig) -> None:
     """Refuse impossible values before anything is read or written."""
     rules = [
         (cfg.epochs >= 1, "--epochs must be at least 1"),
+        (0 <= cfg.seed < 2**32, "--seed must be in [0, 2**32)"),
+        (cfg.batch_size < 2**31, "--batch-size must be below 2**31"),
+        (cfg.predict is None or cfg.predict.strip() != "", "--predict was given an empty value; give rows or a .csv file"),
         (cfg.batch_size >= 0, "--batch-size must be at least 1 (or 0: chosen from the data's size)"),
         (0 <= cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (cfg.learning_rate > 0, "--learning-rate must be above 0"),
@@ -872,7 +879,7 @@ def save_file(path: Path, write) -> None:
     never half of one, and a failed write leaves the old one in place."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return  # one writer: under DDP every rank holds the same state, and rank 0 saves it
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # this process's own: two runs never share one
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -880,10 +887,12 @@ def save_file(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:  # a full disk reaches torch.save as RuntimeError, not OSError
+        fail(f"could not write {path}: {getattr(e, 'strerror', None) or first_line(e)}; "
+             f"any previous {path.name} is untouched")
+    finally:
         with suppress(OSError):
-            tmp.unlink()
-        fail(f"could not write {path}: {e.strerror or e}; any previous {path.name} is untouched")
+            tmp.unlink()  # gone after the rename; left only by a failure, or a stop mid-write
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1141,7 +1150,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # no-op if already set up
     log.setLevel(logging.INFO)
     validate_config(cfg)
-    if cfg.predict:
+    if cfg.predict is not None:  # given, even if empty: never "not given, so train"
         return {"predictions": predict_from_cli(cfg)}
     with distributed(cfg) as (device, rank, world):
         run = set_up(cfg, device, rank, world)
@@ -1160,8 +1169,10 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     for folder in (cfg.checkpoint_dir, cfg.output_dir) if rank == 0 else ():  # fail before replacing anything
         try:
             Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / f".write-test.{os.getpid()}").touch()
+            (Path(folder) / f".write-test.{os.getpid()}").unlink()
         except OSError as e:
-            fail(f"cannot create the folder {folder}: {e.strerror or e}")
+            fail(f"cannot create or write to the folder {folder}: {e.strerror or e}")
     seed_everything(cfg.seed + rank)  # DDP copies rank 0's initial weights; the offset decorrelates dropout
     if rank > 0:
         barrier()  # rank 0 builds the dataset caches first; the other ranks then read them
@@ -1178,6 +1189,8 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x the float32 throughput on Ampere+
     model = build_model(len(data["inputs"]), len(data["classes"]) or 1, cfg).to(device)
+    if cfg.compile and device.type == "cpu" and not any(map(shutil.which, ("cc", "gcc", "clang", "c++"))):
+        fail("--compile on CPU needs a C++ compiler (gcc or clang) on PATH; install one, or drop --compile")
     eval_model = torch.compile(model) if cfg.compile else model  # checkpoints save `model`: no prefixes
     train_model = eval_model
     if world > 1:
@@ -1384,8 +1397,8 @@ def barrier() -> None:
 
 @contextmanager
 def stop_on_signals():
-    """SIGINT (Ctrl-C) and SIGTERM (schedulers, spot reclaim) ask the loop to stop after the
-    current step. A second signal stops at once; the atomic writes keep every file whole."""
+    """SIGINT (Ctrl-C), SIGTERM (schedulers, spot reclaim) and SIGHUP (a closed terminal) ask the
+    loop to stop after the current step. A second signal stops at once; the atomic writes keep every file whole."""
     stop = {"signal": None, "cut": False}
 
     def request_stop(signum, frame):
@@ -1397,7 +1410,7 @@ def stop_on_signals():
                     signal.Signals(signum).name)
 
     try:
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     except ValueError:  # not the main thread: leave signals to whoever owns them
         previous = {}
     try:
@@ -1491,16 +1504,25 @@ def show_epoch(run: Run, view: dict) -> None:
                 view["writer"].add_scalar(name.replace("_", "/", 1), value, epoch)
 
 
+def is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except OSError:  # a name too long to be a file's: rows, then
+        return False
+
+
 def parse_rows(spec: str, features: list[str]) -> list[list[str]]:
     """Raw rows from "5.1,3.5;6.7,3.0" or from a CSV file, as cells in the order of `features`. A CSV
     may start with a header row naming the columns in any order (other columns are ignored)."""
     expected = f"expected {len(features)} values: {', '.join(features)}"
-    if Path(spec).suffix.lower() == ".csv" or Path(spec).is_file():
+    if spec.lower().endswith(".csv") or is_file(spec):
         try:
-            with open(spec, newline="") as f:
+            with open(spec, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not a name
                 records = [r for r in csv.reader(f) if r]
         except OSError as e:
             fail(f"--predict {spec}: {e.strerror or e}")
+        except (UnicodeDecodeError, csv.Error) as e:
+            fail(f"--predict {spec}: not a UTF-8 CSV file ({first_line(e)}); save it as UTF-8 text")
         if records and set(features) <= {c.strip() for c in records[0]}:  # a header row
             header = [c.strip() for c in records[0]]
             records = [[r[header.index(name)] for name in features] if len(r) == len(header) else r
@@ -1525,10 +1547,14 @@ def predict_from_cli(cfg: TrainingConfig) -> list[str]:
     for i, row in enumerate(rows, 1):
         for name, cell in zip(checkpoint["features"], row):
             number = parse_number(cell)
-            if checkpoint["preprocess"][name]["kind"] == "numeric" and (number is None or math.isinf(number)):
-                fail(f"--predict row {i}: column {name!r} needs a number (or an empty cell), not {cell!r}")
+            literal = cell.strip().lower().lstrip("+-") in ("nan", "inf", "infinity")  # typed, not a blank cell
+            if checkpoint["preprocess"][name]["kind"] == "numeric" and (number is None or math.isinf(number) or literal):
+                fail(f"--predict row {i}: column {name!r} needs a finite number (or an empty cell), not {cell!r}")
     inputs, unseen = rows_to_inputs(rows, checkpoint)
     outputs = predict(model_from_checkpoint(checkpoint, path), inputs, batch_size=1024)
+    bad = (~torch.isfinite(outputs)).any(dim=-1).nonzero().flatten().tolist()
+    if bad:
+        fail(f"--predict row {bad[0] + 1}: the model's output is not finite (values near float32's limit?)")
     for name, count in unseen.items():
         if count:
             log.warning("%d row(s) have a %r category training never saw: they use its 'other' slot", count, name)
@@ -1537,18 +1563,18 @@ def predict_from_cli(cfg: TrainingConfig) -> list[str]:
     return lines
 
 
+def stop_anywhere(signum, frame):
+    """SIGTERM or SIGHUP outside the epoch loop (start-up, data preparation, the report): one line,
+    exit 128 + the signal; every file is whole, being written atomically."""
+    print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    for s in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or a dropped ssh session sends SIGHUP
+        signal.signal(s, stop_anywhere)
     try:
         main()
-        status = 0
-    except SystemExit as stop:  # a clean stop: an error line, a signal, --help
-        status = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-    # Every file is written, fsynced and closed. Skip the interpreter's teardown of torch's
-    # modules: it takes ~1.5 s and frees nothing the OS does not reclaim at once. (If you add
-    # atexit hooks, such as an experiment tracker's, call them before this or drop these lines.)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
+    except KeyboardInterrupt:  # Ctrl-C outside the epoch loop
+        print("stopped by SIGINT", file=sys.stderr)
+        raise SystemExit(130)
