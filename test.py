@@ -729,6 +729,26 @@ def test_raising_epochs_extends_a_finished_run(tmp_path):
     assert [h["epoch"] for h in after] == [1, 2, 3, 4, 5] and after[:3] == before
 
 
+def test_a_resume_keeps_its_recorded_settings_and_applies_the_flags_given(tmp_path, caplog):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    train.main(flags(tmp_path, source, "--learning-rate", "0.02", "--batch-size", "8", epochs=3))
+    # A plain --resume (and --epochs) goes on with last.pt's rate and batch size, not the defaults.
+    train.main([*dirs(tmp_path), "--resume", "--epochs", "4"])
+    last = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
+    assert (last["config"]["learning_rate"], last["config"]["batch_size"], last["epoch"]) == (0.02, 8, 4)
+    assert last["config"]["dataset"] == str(source)
+    # A rate given with --resume is applied from the resume point, said once, and recorded.
+    caplog.clear()
+    train.main([*dirs(tmp_path), "--resume", "--epochs", "6", "--learning-rate", "0.002", "--weight-decay", "0"])
+    assert "learning_rate 0.02 -> 0.002" in caplog.text and "no longer identical" in caplog.text
+    last = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
+    assert last["config"]["learning_rate"] == 0.002 and last["optimizer"]["param_groups"][0]["weight_decay"] == 0
+    history = json.loads((tmp_path / "training-loop/history.json").read_text())
+    assert history[0]["lr"] > 0.002 and 0 < history[4]["lr"] <= 0.002  # epoch 5 runs at the new rate
+    with pytest.raises(SystemExit, match="seed"):  # what decides the data cannot change
+        train.main([*dirs(tmp_path), "--resume", "--epochs", "7", "--seed", "9"])
+
+
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path, caplog):
     source = blobs_csv(tmp_path / "blobs.csv")
     summary = train.main(flags(tmp_path, source, "--resume", epochs=2))

@@ -1152,6 +1152,9 @@ def main(argv: list[str] | None = None) -> dict:
     validate_config(cfg)
     if cfg.predict is not None:  # given, even if empty: never "not given, so train"
         return {"predictions": predict_from_cli(cfg)}
+    if cfg.resume and not cfg.eval_only:
+        cfg = resumed_config(cfg, given_fields(argv))
+        validate_config(cfg)
     with distributed(cfg) as (device, rank, world):
         run = set_up(cfg, device, rank, world)
         if not cfg.eval_only:
@@ -1287,6 +1290,44 @@ def check_finite(epoch: int, losses: dict, best_path: Path, best_epoch: int) -> 
                  f"in the data. Nothing from this epoch was saved; {kept}")
 
 
+def given_fields(argv: list[str]) -> set[str]:
+    """The fields named on the command line: given, which is not the same as truthy."""
+    names = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return {n[3:] if n.startswith("no_") and n[3:] in TrainingConfig.__dataclass_fields__ else n for n in names}
+
+
+def resumed_config(cfg: TrainingConfig, given: set[str]) -> TrainingConfig:
+    """A resumed run goes on with the settings last.pt records; only flags given now override them."""
+    path = Path(cfg.checkpoint_dir) / "last.pt"
+    if not path.is_file():
+        return cfg
+    saved = load_checkpoint(path)["config"]
+    now = {k: getattr(cfg, k) for k in given | {"resume", "eval_only", "predict"} if k in TrainingConfig.__dataclass_fields__}
+    return replace(TrainingConfig(), **{**{k: v for k, v in saved.items() if k in TrainingConfig.__dataclass_fields__},
+                                        **now})
+
+
+# Settings that change what the optimizer does from here on; a resume may change them, and says so.
+APPLIED_ON_RESUME = ("epochs", "batch_size", "learning_rate", "weight_decay", "label_smoothing", "scheduler",
+                     "warmup_fraction", "grad_clip", "early_stopping_patience", "grad_accum_steps", "use_amp",
+                     "amp_dtype", "class_weight")
+
+
+def apply_changed_settings(run: Run, saved: dict) -> None:
+    """Flags given with --resume that differ from last.pt's: apply them from the resume point on."""
+    changed = [f"{k} {saved.get(k)!r} -> {getattr(run.cfg, k)!r}" for k in APPLIED_ON_RESUME
+               if saved.get(k) != getattr(run.cfg, k)]
+    if not changed:
+        return
+    step = run.scheduler.last_epoch
+    run.scheduler.base_lrs = [run.cfg.learning_rate for _ in run.optimizer.param_groups]
+    for group, factor in zip(run.optimizer.param_groups, run.scheduler.lr_lambdas):
+        group.update(initial_lr=run.cfg.learning_rate, lr=run.cfg.learning_rate * factor(step),
+                     weight_decay=run.cfg.weight_decay)
+    log.warning("resume: from epoch %d on, %s; the run is no longer identical to an uninterrupted one",
+                run.progress["epoch"] + 1, ", ".join(changed))
+
+
 def resume(run: Run) -> dict | None:
     """Restore everything last.pt holds into the run and return its progress; None without a last.pt."""
     path = run.last_path
@@ -1309,6 +1350,8 @@ def resume(run: Run) -> dict | None:
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         fail(f"{path} cannot be resumed from (incomplete, or saved with other settings): {first_line(e)}")
     log.info("resumed from %s after epoch %d", path, progress["epoch"])
+    run.progress = progress
+    apply_changed_settings(run, checkpoint["config"])
     return progress
 
 
