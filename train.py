@@ -275,11 +275,14 @@ def load_table(cfg: TrainingConfig):
     hf_cache = str(Path(cfg.datasets_dir) / "hf_cache")
     try:
         if path.is_file():
-            table = datasets.load_dataset(LOADERS[suffix], data_files=source, split="train", cache_dir=hf_cache)
+            # datasets keys its cache of a local file on path and modification time: read it afresh.
+            table = datasets.load_dataset(LOADERS[suffix], data_files=source, split="train", cache_dir=hf_cache,
+                                          download_mode="force_redownload")
         elif saved.exists():
             table = datasets.load_from_disk(str(saved))
         elif source in BUNDLED:
-            table = datasets.load_dataset("csv", data_files=str(BUNDLED[source]), split="train", cache_dir=hf_cache)
+            table = datasets.load_dataset("csv", data_files=str(BUNDLED[source]), split="train", cache_dir=hf_cache,
+                                          download_mode="force_redownload")
             table.save_to_disk(str(saved))
         else:
             log.info("downloading %s from the Hugging Face hub (once; later runs load %s offline)", source, saved)
@@ -438,13 +441,18 @@ PREPARED_VERSION = 2  # bump when the way a table becomes columns changes
 
 
 def source_fingerprint(cfg: TrainingConfig) -> dict | None:
-    """What the prepared columns depend on; None while the source is not on this machine."""
+    """What the prepared columns depend on: the source's content, not its size and modification
+    time, which a copy (cp -p, rsync -a, tar) keeps through an edit. None while there is no source."""
     path, saved = Path(cfg.dataset), saved_copy(cfg)
     files = [path] if path.is_file() else sorted(f for f in saved.rglob("*") if f.is_file())
     if not files:
         return None
-    return {"version": PREPARED_VERSION,  # the column settings are in the cache file's name
-            "files": [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return {"version": PREPARED_VERSION, "sha256": digest.hexdigest()}  # the column settings name the file
 
 
 def load_prepared(cfg: TrainingConfig) -> dict:
@@ -464,8 +472,8 @@ def load_prepared(cfg: TrainingConfig) -> dict:
     prepared = table_to_columns(load_table(cfg), cfg)
     storable = {k: (kind, torch.from_numpy(v) if kind == "numeric" else v.tolist())  # weights_only: no ndarrays
                 for k, (kind, v) in prepared["features"].items()}
-    fingerprint = source_fingerprint(cfg)  # again: loading may have just saved the source
-    save_file(cache, lambda f: torch.save({**prepared, "features": storable, "fingerprint": fingerprint}, f))
+    prepared["fingerprint"] = source_fingerprint(cfg)  # again: loading may have just saved the source
+    save_file(cache, lambda f: torch.save({**prepared, "features": storable}, f))
     return prepared
 
 
@@ -611,6 +619,12 @@ def prepare_data(cfg: TrainingConfig) -> dict:
             "target_mean": target_mean, "target_std": target_std, "class_weights": weights}
     for name, rows in splits.items():
         data[name] = (torch.from_numpy(x[rows]), torch.from_numpy(y[rows]))
+    # The source's content and the splits: a checkpoint from other data, or from this file after
+    # rows were added (which reshuffles the splits), is refused rather than trusted.
+    digest = hashlib.sha256(json.dumps([prepared["fingerprint"], cfg.label_column, data["features"]]).encode())
+    for rows in splits.values():
+        digest.update(rows.tobytes())
+    data["fingerprint"] = digest.hexdigest()[:16]
     return data
 
 
@@ -912,7 +926,7 @@ def model_state(model, data: dict, cfg: TrainingConfig, epoch: int) -> dict:
         "version": CHECKPOINT_VERSION, "model": model.state_dict(), "epoch": epoch,
         "model_args": {"in_features": len(data["inputs"]), "out_features": len(data["classes"]) or 1},
         "task": data["task"], "features": data["features"], "inputs": data["inputs"],
-        "preprocess": data["preprocess"], "mean": data["mean"], "std": data["std"],
+        "preprocess": data["preprocess"], "mean": data["mean"], "std": data["std"], "data": data["fingerprint"],
         "classes": data["classes"], "target_mean": data["target_mean"], "target_std": data["target_std"],
         "config": asdict(cfg),
     }
@@ -983,6 +997,10 @@ def check_same_data(checkpoint: dict, path: Path, cfg: TrainingConfig, data: dic
     if differ:
         fail(f"{path} belongs to a run on other data: {'; '.join(differ)}. "
              "Use the same values, or start fresh with another --checkpoint-dir")
+    if checkpoint.get("data") != data["fingerprint"]:
+        fail(f"{path} was trained on other rows: {cfg.dataset} changed since (rows added, removed or edited), "
+             "so its splits would put training rows into validation and test. Restore the data, or start fresh "
+             "with another --checkpoint-dir")
 
 
 # ----------------------------------------------------------------------------- report
@@ -1202,8 +1220,10 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
         train_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
     steps = math.ceil(batches_per_epoch(cfg, data, world) / cfg.grad_accum_steps)
     optimizer, scheduler, scaler = make_optimization(model, cfg, device, amp_dtype, steps_per_epoch=steps)
-    progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "stale": 0, "history": [],
-                "run": time.strftime("%Y%m%d-%H%M%S")}
+    run_id = [f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"]  # ties best_model.pt to last.pt
+    if world > 1:
+        dist.broadcast_object_list(run_id, src=0)  # one id for the run, rank 0's
+    progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "stale": 0, "history": [], "run": run_id[0]}
     checkpoints = Path(cfg.checkpoint_dir)
     run = Run(cfg, device, rank, world, amp_dtype, data, train_split, val_split, model, eval_model, train_model,
               optimizer, scheduler, scaler, progress, checkpoints / "best_model.pt", checkpoints / "last.pt",
@@ -1372,7 +1392,12 @@ def test(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split, touched once, by the best checkpoint, after every choice is made. Returns the
     model's outputs for this rank's share of the test rows, and which rows those are."""
     barrier()  # rank 0's best_model.pt is complete before any rank reads it
-    load_weights(run.model, load_checkpoint(run.best_path), run.best_path)
+    best = load_checkpoint(run.best_path)
+    if best.get("run") != run.progress["run"]:
+        fail(f"{run.best_path} belongs to run {best.get('run')}, not to this run ({run.progress['run']}): "
+             "a failed write, or another run in this --checkpoint-dir? Nothing was tested")
+    check_same_data(best, run.best_path, run.cfg, run.data)
+    load_weights(run.model, best, run.best_path)
     x_test = run.data["test"][0]
     rows = shard_rows(len(x_test), run.rank, run.world)
     return predict(run.eval_model, x_test[rows], run.cfg.batch_size, run.amp_dtype), rows
