@@ -782,6 +782,10 @@ BAD_INPUTS = {
     "seed out of range": (["--seed", "-1"], "--seed must be in [0, 2**32)"),
     "huge batch": (["--batch-size", "20000000000000000000"], "--batch-size must be below 2**31"),
     "loss blows up": (["--learning-rate", "1e38", "--grad-clip", "0"], "epoch 1: the training loss is"),
+    "a directory": (["--dataset", "{folder}"], "is a directory; pass one of its files"),
+    "latin-1 file": (["--dataset", "{latin}", "--label-column", "y"], "is not UTF-8 text: an encoding or format problem"),
+    "JSON by column": (["--dataset", "{by_column}", "--label-column", "y"], "is laid out by column"),
+    "values near float32's limit": (["--dataset", "{huge}", "--label-column", "y"], "near float32's limit"),
 }
 
 
@@ -799,7 +803,12 @@ def test_bad_input_gets_one_clear_line_and_leaves_every_file_alone(finished_run,
              "text": write_csv(root / "text.csv", "a,b,y\n1,2,x\n3,abc,z\n" + "5,6,x\n" * 9),
              "hole": write_csv(root / "hole.csv", "a,b,y\n1,2,x\n3,,z\n" + "5,6,z\n" * 9),
              "inf": write_csv(root / "inf.csv", "a,b,y\n1,2,x\n3,inf,z\n" + "5,6,z\n" * 9),
-             "one_class": write_csv(root / "one.csv", "a,b,y\n" + "".join(f"{i},{2 * i},x\n" for i in range(9)))}
+             "one_class": write_csv(root / "one.csv", "a,b,y\n" + "".join(f"{i},{2 * i},x\n" for i in range(9))),
+             "huge": write_csv(root / "huge.csv", "a,b,y\n" + "".join(f"{i},{i}e37,{'xz'[i % 2]}\n" for i in range(20))),
+             "by_column": write_csv(root / "columns.json", '{"a": [1, 2, 3, 4], "b": [5, 6, 7, 8], "y": ["x", "z", "x", "z"]}'),
+             "folder": str(root / "datasets")}
+    (root / "latin.csv").write_bytes("a,b,y\n1,caf\xe9,x\n".encode("latin-1") + b"2,3,z\n" * 9)
+    paths["latin"] = str(root / "latin.csv")
     args, message = BAD_INPUTS[case]
     with pytest.raises(SystemExit) as exit_info:
         train.main(base + [a.format(**paths) for a in args])
@@ -808,6 +817,36 @@ def test_bad_input_gets_one_clear_line_and_leaves_every_file_alone(finished_run,
     assert message in error
     for path, content in files.items():
         assert path.read_bytes() == content, f"{path} changed"
+
+
+def test_a_second_run_on_the_same_checkpoint_dir_is_refused(tmp_path):
+    import fcntl
+
+    source = blobs_csv(tmp_path / "blobs.csv")
+    (tmp_path / "checkpoints").mkdir()
+    with open(tmp_path / "checkpoints/.lock", "w") as held:  # a run in progress holds this
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        with pytest.raises(SystemExit, match="another run \\(pid 4242\\) is using"):
+            train.main(flags(tmp_path, source, epochs=1))
+    assert not (tmp_path / "checkpoints/best_model.pt").exists()
+    train.main(flags(tmp_path, source, epochs=1))  # once it has ended, the folder is free
+    assert not (tmp_path / "checkpoints/.lock").exists()
+
+
+def test_a_damaged_saved_copy_is_rebuilt_or_named(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(train.BUNDLED, "someone/blobs", blobs_csv(tmp_path / "blobs.csv"))
+    broken = tmp_path / "datasets" / "someone___blobs"  # as a run killed mid-save left it
+    broken.mkdir(parents=True)
+    (broken / "data-00000-of-00001.arrow").write_bytes(b"half a file")
+    summary = train.main(flags(tmp_path, "someone/blobs", epochs=1))
+    assert "is damaged: rebuilding it" in caplog.text and summary["test_accuracy"] is not None
+    other = tmp_path / "datasets" / "someone___other"
+    other.mkdir()
+    (other / "state.json").write_text("{")
+    with pytest.raises(SystemExit, match="someone___other is damaged .*delete that folder"):
+        train.main(flags(tmp_path, "someone/other", epochs=1))
 
 
 def test_bad_input_on_the_command_line_prints_one_line_and_no_traceback(tmp_path):

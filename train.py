@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import typing
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
@@ -138,9 +139,14 @@ def parse_config(argv: list[str] | None = None, config_class=TrainingConfig) -> 
     return config_class(**{k: tuple(v) if typing.get_origin(kinds[k]) is tuple else v for k, v in values.items()})
 
 
+def other_rank() -> bool:
+    """Under torchrun, any process but rank 0: every rank meets the same bad input, rank 0 says it."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def fail(message: str):
     """Stop with one clear line on stderr and exit status 1: bad input is not a crash."""
-    raise SystemExit(f"error: {message}")
+    raise SystemExit(1 if other_rank() else f"error: {message}")
 
 
 def validate_config(cfg: TrainingConfig) -> None:
@@ -255,6 +261,8 @@ def load_table(cfg: TrainingConfig):
     source = cfg.dataset
     path, suffix = Path(source), Path(source).suffix.lower()
     saved = saved_copy(cfg)
+    if path.is_dir():
+        fail(f"--dataset {source} is a directory; pass one of its files ({', '.join(LOADERS)})")
     if suffix in LOADERS and not path.is_file():
         fail(f"--dataset {source}: no such file")
     if path.is_file() and suffix not in LOADERS:
@@ -272,28 +280,55 @@ def load_table(cfg: TrainingConfig):
     import datasets
 
     datasets.disable_progress_bars()
-    hf_cache = str(Path(cfg.datasets_dir) / "hf_cache")
+    datasets.logging.set_verbosity(logging.CRITICAL)  # its errors reach the user as one line of ours
+    # The caches are optional: a read-only datasets_dir gets a temporary one, and a warning.
+    writable = os.access(cfg.datasets_dir, os.W_OK) if Path(cfg.datasets_dir).exists() else True
+    hf_cache = str(Path(cfg.datasets_dir) / "hf_cache") if writable else tempfile.mkdtemp(prefix="hf_cache-")
+    if not writable:
+        log.warning("%s is not writable: reading %s without saving a copy or cache", cfg.datasets_dir, source)
     try:
         if path.is_file():
             # datasets keys its cache of a local file on path and modification time: read it afresh.
-            table = datasets.load_dataset(LOADERS[suffix], data_files=source, split="train", cache_dir=hf_cache,
-                                          download_mode="force_redownload")
-        elif saved.exists():
-            table = datasets.load_from_disk(str(saved))
-        elif source in BUNDLED:
+            return checked_table(datasets.load_dataset(LOADERS[suffix], data_files=source, split="train",
+                                                       cache_dir=hf_cache, download_mode="force_redownload"), source)
+        if saved.exists():
+            try:
+                return checked_table(datasets.load_from_disk(str(saved)), source)
+            except Exception as e:  # a copy cut short by a kill, say
+                if source not in BUNDLED:
+                    fail(f"the saved copy {saved} is damaged ({first_line(e)}); delete that folder and run again")
+                log.warning("the saved copy %s is damaged: rebuilding it from %s", saved, BUNDLED[source])
+                shutil.rmtree(saved)
+        if source in BUNDLED:
             table = datasets.load_dataset("csv", data_files=str(BUNDLED[source]), split="train", cache_dir=hf_cache,
                                           download_mode="force_redownload")
-            table.save_to_disk(str(saved))
         else:
             log.info("downloading %s from the Hugging Face hub (once; later runs load %s offline)", source, saved)
             table = datasets.load_dataset(source, split="train", cache_dir=hf_cache)
-            table.save_to_disk(str(saved))
+        if writable:  # into a temporary folder, then renamed: a kill mid-save leaves no half copy
+            partial = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")
+            table.save_to_disk(str(partial))
+            os.replace(partial, saved)
+        return checked_table(table, source)
+    except SystemExit:
+        raise
     except Exception as e:  # datasets and pyarrow raise many types; the user needs the message
+        cause = e.__cause__ or e
         if "corresponds to no data" in str(e):  # what datasets says of a file with a header and no rows
             fail(f"--dataset {source} has no rows")
-        fail(f"--dataset {source}: could not load it ({first_line(e)})")
+        if isinstance(cause, UnicodeDecodeError):
+            fail(f"--dataset {source} is not UTF-8 text: an encoding or format problem ({first_line(cause)}). "
+                 "Re-save it as UTF-8, or check that it really is a table")
+        fail(f"--dataset {source}: could not load it ({first_line(cause)})")
+
+
+def checked_table(table, source: str):
+    """The loaded table, or one line saying why it is not a table of rows."""
     if len(table) == 0:
         fail(f"--dataset {source} has no rows")
+    if len(table) == 1 and all(type(f).__name__ in ("List", "Sequence", "LargeList") for f in table.features.values()):
+        fail(f"--dataset {source} is laid out by column ({{\"column\": [values, ...]}}); write one record per row: "
+             "JSON lines, or a list of objects")
     return table
 
 
@@ -473,7 +508,10 @@ def load_prepared(cfg: TrainingConfig) -> dict:
     storable = {k: (kind, torch.from_numpy(v) if kind == "numeric" else v.tolist())  # weights_only: no ndarrays
                 for k, (kind, v) in prepared["features"].items()}
     prepared["fingerprint"] = source_fingerprint(cfg)  # again: loading may have just saved the source
-    save_file(cache, lambda f: torch.save({**prepared, "features": storable}, f))
+    try:
+        save_file(cache, lambda f: torch.save({**prepared, "features": storable}, f))
+    except SystemExit as e:  # the cache only saves time: a run goes on without it
+        log.warning("%s; going on without the prepared-data cache", str(e.code).removeprefix("error: "))
     return prepared
 
 
@@ -594,6 +632,10 @@ def prepare_data(cfg: TrainingConfig) -> dict:
                            cfg.val_fraction, cfg.test_fraction, cfg.seed, classes)
     spec = fit_inputs(prepared["features"], splits["train"], cfg.max_categories)
     x, _ = encode({k: v for k, (_, v) in prepared["features"].items()}, spec)
+    huge = np.abs(x).max(axis=0) > 1e37  # float32 ends at 3.4e38: such inputs overflow in the first layer
+    if huge.any():
+        fail(f"input {[n for n, _ in model_inputs(spec)][int(np.argmax(huge))]!r} holds values near float32's "
+             "limit (above 1e37): rescale that column (or take its log) before training")
     train_x = x[splits["train"]]
     mean, std = train_x.mean(axis=0), train_x.std(axis=0)
     std[std == 0] = 1.0  # a constant input stays 0 instead of dividing by zero
@@ -1173,7 +1215,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.resume and not cfg.eval_only:
         cfg = resumed_config(cfg, given_fields(argv))
         validate_config(cfg)
-    with distributed(cfg) as (device, rank, world):
+    with distributed(cfg) as (device, rank, world), one_run_per_folder(cfg.checkpoint_dir, rank):
         run = set_up(cfg, device, rank, world)
         if not cfg.eval_only:
             fit(run, argv)
@@ -1458,6 +1500,41 @@ def distributed(cfg: TrainingConfig):
         dist.destroy_process_group()
 
 
+@contextmanager
+def one_run_per_folder(folder: str, rank: int = 0):
+    """Hold checkpoint_dir/.lock while the run lasts: a second run on the same folder is refused in
+    one line instead of both overwriting each other's checkpoints."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: go on unguarded
+        yield
+        return
+    if rank != 0:
+        yield
+        return
+    path = Path(folder) / ".lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as e:
+        fail(f"cannot create or write to the folder {folder}: {e.strerror or e}")
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            fail(f"another run (pid {handle.read().strip() or '?'}) is using {folder}; wait for it to end, "
+                 "or give this one another --checkpoint-dir")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -1522,7 +1599,8 @@ def exit_resumable(run: Run, signum: int, argv: list[str]) -> None:
     history = run.progress["history"]
     if history and run.rank == 0:
         plot_history(history, run.progress["best_epoch"], run_title(run) + ", stopped", run.out / "loss_curve.png")
-    again = shlex.join(["python", "train.py", *[a for a in argv if a != "--resume"], "--resume"])
+    launcher = ["torchrun", f"--nproc_per_node={run.world}"] if run.world > 1 else ["python"]
+    again = shlex.join([*launcher, "train.py", *[a for a in argv if a != "--resume"], "--resume"])
     saved = f"{run.last_path} holds epoch {run.progress['epoch']}" if history else "no epoch finished, nothing saved"
     log.warning("stopped by %s: %s. Resume with: %s", signal.Signals(signum).name, saved, again)
     raise SystemExit(128 + signum)
@@ -1634,7 +1712,8 @@ def predict_from_cli(cfg: TrainingConfig) -> list[str]:
 def stop_anywhere(signum, frame):
     """SIGTERM or SIGHUP outside the epoch loop (start-up, data preparation, the report): one line,
     exit 128 + the signal; every file is whole, being written atomically."""
-    print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    if not other_rank():
+        print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
@@ -1644,5 +1723,10 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C outside the epoch loop
-        print("stopped by SIGINT", file=sys.stderr)
+        if not other_rank():
+            print("stopped by SIGINT", file=sys.stderr)
         raise SystemExit(130)
+    except RuntimeError:
+        if other_rank():  # the process group broke because rank 0 stopped, and rank 0 said why
+            raise SystemExit(1)
+        raise
