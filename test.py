@@ -947,6 +947,10 @@ def test_predict_reads_negative_rows_byte_order_marks_and_refuses_other_encoding
     bom = tmp_path / "bom.csv"
     bom.write_bytes("width,height,depth\n0,0,0\n".encode("utf-8-sig"))
     assert train.main(checkpoint + ["--predict", str(bom)])["predictions"][0].startswith("0, 0, 0 -> ")
+    short = tmp_path / "short.csv"  # a row that lost a cell: refused, never dropped out of line with the input
+    short.write_text("width,height,depth\n0,0,0\n1,1\n2,2,2\n")
+    with pytest.raises(SystemExit, match="row 2 has 2 values"):
+        train.main(checkpoint + ["--predict", str(short)])
     latin = tmp_path / "latin.csv"
     latin.write_bytes("width,height,depth\n0,0,caf\xe9\n".encode("latin-1"))
     with pytest.raises(SystemExit, match="not a UTF-8 CSV file"):
