@@ -313,13 +313,17 @@ def load_table(cfg: TrainingConfig):
     except SystemExit:
         raise
     except Exception as e:  # datasets and pyarrow raise many types; the user needs the message
-        cause = e.__cause__ or e
-        if "corresponds to no data" in str(e):  # what datasets says of a file with a header and no rows
-            fail(f"--dataset {source} has no rows")
-        if isinstance(cause, UnicodeDecodeError):
-            fail(f"--dataset {source} is not UTF-8 text: an encoding or format problem ({first_line(cause)}). "
-                 "Re-save it as UTF-8, or check that it really is a table")
-        fail(f"--dataset {source}: could not load it ({first_line(cause)})")
+        explain_load_error(e, source)
+
+
+def explain_load_error(error: Exception, source: str):
+    cause = error.__cause__ or error
+    if "corresponds to no data" in str(error):  # what datasets says of a file with a header and no rows
+        fail(f"--dataset {source} has no rows")
+    if isinstance(cause, UnicodeDecodeError):
+        fail(f"--dataset {source} is not UTF-8 text: an encoding or format problem ({first_line(cause)}). "
+             "Re-save it as UTF-8, or check that it really is a table")
+    fail(f"--dataset {source}: could not load it ({first_line(cause)})")
 
 
 def checked_table(table, source: str):
@@ -530,6 +534,19 @@ def resolve_task(cfg: TrainingConfig, labels: list) -> str:
     return cfg.task
 
 
+def targets(cfg: TrainingConfig, labels: list) -> tuple[str, list, np.ndarray]:
+    """The task, the classes (sorted distinct values; none for regression) and y: class ids or values."""
+    task = resolve_task(cfg, labels)
+    if task == "regression":
+        return task, [], np.asarray(labels, dtype=np.float64)
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        fail(f"column {cfg.label_column!r} holds a single class ({classes[0]!r}); a classifier needs two or more")
+    log.info("classes: %s", ", ".join(map(str, classes[:20])) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else ""))
+    index = {c: i for i, c in enumerate(classes)}
+    return task, classes, np.array([index[v] for v in labels], dtype=np.int64)
+
+
 def fit_inputs(features: dict, train_rows: np.ndarray, max_categories: int) -> dict:
     """How raw columns become model inputs, learnt from the training rows only: each numeric
     column's median (for blank cells, plus a 0/1 was-missing input if 1% or more of the training
@@ -616,18 +633,7 @@ def prepare_data(cfg: TrainingConfig) -> dict:
     splits: the row indices of each split in the (labelled rows of the) source table
     """
     prepared = load_prepared(cfg)
-    labels = prepared["labels"]
-    task = resolve_task(cfg, labels)
-    classes = []
-    if task == "classification":  # the sorted distinct values are the classes
-        classes = sorted(set(labels))
-        index = {c: i for i, c in enumerate(classes)}
-        y = np.array([index[v] for v in labels], dtype=np.int64)
-        if len(classes) < 2:
-            fail(f"column {cfg.label_column!r} holds a single class ({classes[0]!r}); a classifier needs two or more")
-        log.info("classes: %s", ", ".join(map(str, classes[:20])) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else ""))
-    else:
-        y = np.asarray(labels, dtype=np.float64)
+    task, classes, y = targets(cfg, prepared["labels"])
     splits = split_indices(y if task == "classification" else np.zeros(len(y), dtype=np.int64),
                            cfg.val_fraction, cfg.test_fraction, cfg.seed, classes)
     spec = fit_inputs(prepared["features"], splits["train"], cfg.max_categories)
@@ -1230,12 +1236,7 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
         log.setLevel(logging.ERROR)  # one voice: rank 0 logs, writes and plots
     amp_dtype = resolve_amp_dtype(cfg, device)
     for folder in (cfg.checkpoint_dir, cfg.output_dir) if rank == 0 else ():  # fail before replacing anything
-        try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            (Path(folder) / f".write-test.{os.getpid()}").touch()
-            (Path(folder) / f".write-test.{os.getpid()}").unlink()
-        except OSError as e:
-            fail(f"cannot create or write to the folder {folder}: {e.strerror or e}")
+        check_writable(Path(folder))
     seed_everything(cfg.seed + rank)  # DDP copies rank 0's initial weights; the offset decorrelates dropout
     if rank > 0:
         barrier()  # rank 0 builds the dataset caches first; the other ranks then read them
@@ -1252,14 +1253,7 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x the float32 throughput on Ampere+
     model = build_model(len(data["inputs"]), len(data["classes"]) or 1, cfg).to(device)
-    if cfg.compile and device.type == "cpu" and not any(map(shutil.which, ("cc", "gcc", "clang", "c++"))):
-        fail("--compile on CPU needs a C++ compiler (gcc or clang) on PATH; install one, or drop --compile")
-    eval_model = torch.compile(model) if cfg.compile else model  # checkpoints save `model`: no prefixes
-    train_model = eval_model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_model, train_model = wrap_model(model, cfg, device, world)
     steps = math.ceil(batches_per_epoch(cfg, data, world) / cfg.grad_accum_steps)
     optimizer, scheduler, scaler = make_optimization(model, cfg, device, amp_dtype, steps_per_epoch=steps)
     run_id = [f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"]  # ties best_model.pt to last.pt
@@ -1276,6 +1270,29 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
         run.progress = resume(run) or progress
     log_setup(run)
     return run
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot create or write to the folder {folder}: {e.strerror or e}")
+
+
+def wrap_model(model: nn.Module, cfg: TrainingConfig, device: torch.device, world: int):
+    """The model as evaluated (compiled with --compile) and as trained (also in DDP under torchrun).
+    All three share one set of weights; checkpoints save `model` itself, with no prefixes."""
+    if cfg.compile and device.type == "cpu" and not any(map(shutil.which, ("cc", "gcc", "clang", "c++"))):
+        fail("--compile on CPU needs a C++ compiler (gcc or clang) on PATH; install one, or drop --compile")
+    eval_model = torch.compile(model) if cfg.compile else model
+    if world == 1:
+        return eval_model, eval_model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return eval_model, DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def batches_per_epoch(cfg: TrainingConfig, data: dict, world: int) -> int:
