@@ -550,8 +550,8 @@ def targets(cfg: TrainingConfig, labels: list) -> tuple[str, list, np.ndarray]:
 def fit_inputs(features: dict, train_rows: np.ndarray, max_categories: int) -> dict:
     """How raw columns become model inputs, learnt from the training rows only: each numeric
     column's median (for blank cells, plus a 0/1 was-missing input if 1% or more of the training
-    rows had blanks there), and
-    each categorical column's most frequent categories (one-hot; the rest share an "other" slot)."""
+    rows had blanks there), and each categorical column's most frequent categories (one-hot; the
+    rest share an "other" slot)."""
     spec = {}
     for name, (kind, values) in features.items():
         seen = values[train_rows]
@@ -638,17 +638,17 @@ def prepare_data(cfg: TrainingConfig) -> dict:
                            cfg.val_fraction, cfg.test_fraction, cfg.seed, classes)
     spec = fit_inputs(prepared["features"], splits["train"], cfg.max_categories)
     x, _ = encode({k: v for k, (_, v) in prepared["features"].items()}, spec)
+    inputs, binary = zip(*model_inputs(spec))
     huge = np.abs(x).max(axis=0) > 1e37  # float32 ends at 3.4e38: such inputs overflow in the first layer
     if huge.any():
-        fail(f"input {[n for n, _ in model_inputs(spec)][int(np.argmax(huge))]!r} holds values near float32's "
-             "limit (above 1e37): rescale that column (or take its log) before training")
+        fail(f"input {inputs[int(np.argmax(huge))]!r} holds values near float32's limit (above 1e37): "
+             "rescale that column (or take its log) before training")
     train_x = x[splits["train"]]
     mean, std = train_x.mean(axis=0), train_x.std(axis=0)
     std[std == 0] = 1.0  # a constant input stays 0 instead of dividing by zero
     # 0/1 inputs (one-hot, was-missing) stay 0/1: standardized, a flag set in one training row
     # in a thousand would reach 30 and swamp every other input.
-    binary = np.array([flag for _, flag in model_inputs(spec)])
-    mean[binary], std[binary] = 0.0, 1.0
+    mean[np.array(binary)], std[np.array(binary)] = 0.0, 1.0
     x = ((x - mean) / std).astype(np.float32)
     if prepared["unlabelled"]:
         log.info("left out %d rows with no %r", prepared["unlabelled"], cfg.label_column)
@@ -661,7 +661,7 @@ def prepare_data(cfg: TrainingConfig) -> dict:
     elif cfg.class_weight == "balanced":  # each class weighs as much in the loss, however rare
         counts = np.bincount(y[splits["train"]], minlength=len(classes))
         weights = torch.tensor(len(splits["train"]) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32)
-    data = {"task": task, "features": list(prepared["features"]), "inputs": [name for name, _ in model_inputs(spec)], "classes": classes,
+    data = {"task": task, "features": list(prepared["features"]), "inputs": list(inputs), "classes": classes,
             "preprocess": spec, "splits": splits, "columns": prepared["features"],
             "mean": torch.from_numpy(mean.astype(np.float32)), "std": torch.from_numpy(std.astype(np.float32)),
             "target_mean": target_mean, "target_std": target_std, "class_weights": weights}
@@ -817,8 +817,6 @@ def loss_function(task: str, class_weights: torch.Tensor | None = None, label_sm
     """The training loss. Evaluation always reports plain (unweighted, unsmoothed) cross-entropy."""
     if task == "regression":
         return regression_loss
-    if class_weights is None and not label_smoothing:
-        return F.cross_entropy
     return partial(F.cross_entropy, weight=class_weights, label_smoothing=label_smoothing)
 
 
@@ -1218,18 +1216,19 @@ def main(argv: list[str] | None = None) -> dict:
     validate_config(cfg)
     if cfg.predict is not None:  # given, even if empty: never "not given, so train"
         return {"predictions": predict_from_cli(cfg)}
+    last = None  # last.pt, read once: its config now, its state in set_up
     if cfg.resume and not cfg.eval_only:
-        cfg = resumed_config(cfg, given_fields(argv))
+        cfg, last = resumed_config(cfg, given_fields(argv))
         validate_config(cfg)
     with distributed(cfg) as (device, rank, world), one_run_per_folder(cfg.checkpoint_dir, rank):
-        run = set_up(cfg, device, rank, world)
+        run = set_up(cfg, device, rank, world, last)
         if not cfg.eval_only:
             fit(run, argv)
         outputs, rows = test(run)
         return report(run, outputs, rows)
 
 
-def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int = 1) -> Run:
+def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int = 1, last: dict | None = None) -> Run:
     """Data, model and optimizer; progress from scratch, from last.pt (--resume), or from
     best_model.pt (--eval-only)."""
     if rank != 0:
@@ -1267,7 +1266,7 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     if cfg.eval_only:
         run.progress = recorded_progress(run)
     elif cfg.resume:
-        run.progress = resume(run) or progress
+        run.progress = resume(run, last) or progress
     log_setup(run)
     return run
 
@@ -1375,15 +1374,16 @@ def given_fields(argv: list[str]) -> set[str]:
     return {n[3:] if n.startswith("no_") and n[3:] in TrainingConfig.__dataclass_fields__ else n for n in names}
 
 
-def resumed_config(cfg: TrainingConfig, given: set[str]) -> TrainingConfig:
-    """A resumed run goes on with the settings last.pt records; only flags given now override them."""
+def resumed_config(cfg: TrainingConfig, given: set[str]) -> tuple[TrainingConfig, dict | None]:
+    """A resumed run goes on with the settings last.pt records; only flags given now override them.
+    Returns that config and last.pt itself (None when there is none yet)."""
     path = Path(cfg.checkpoint_dir) / "last.pt"
     if not path.is_file():
-        return cfg
-    saved = load_checkpoint(path)["config"]
+        return cfg, None
+    last = load_checkpoint(path)
     now = {k: getattr(cfg, k) for k in given | {"resume", "eval_only", "predict"} if k in TrainingConfig.__dataclass_fields__}
-    return replace(TrainingConfig(), **{**{k: v for k, v in saved.items() if k in TrainingConfig.__dataclass_fields__},
-                                        **now})
+    saved = {k: v for k, v in last["config"].items() if k in TrainingConfig.__dataclass_fields__}
+    return replace(TrainingConfig(), **{**saved, **now}), last
 
 
 # Settings that change what the optimizer does from here on; a resume may change them, and says so.
@@ -1392,7 +1392,7 @@ APPLIED_ON_RESUME = ("epochs", "batch_size", "learning_rate", "weight_decay", "l
                      "amp_dtype", "class_weight")
 
 
-def apply_changed_settings(run: Run, saved: dict) -> None:
+def apply_changed_settings(run: Run, saved: dict, epoch: int) -> None:
     """Flags given with --resume that differ from last.pt's: apply them from the resume point on."""
     changed = [f"{k} {saved.get(k)!r} -> {getattr(run.cfg, k)!r}" for k in APPLIED_ON_RESUME
                if saved.get(k) != getattr(run.cfg, k)]
@@ -1404,16 +1404,16 @@ def apply_changed_settings(run: Run, saved: dict) -> None:
         group.update(initial_lr=run.cfg.learning_rate, lr=run.cfg.learning_rate * factor(step),
                      weight_decay=run.cfg.weight_decay)
     log.warning("resume: from epoch %d on, %s; the run is no longer identical to an uninterrupted one",
-                run.progress["epoch"] + 1, ", ".join(changed))
+                epoch + 1, ", ".join(changed))
 
 
-def resume(run: Run) -> dict | None:
-    """Restore everything last.pt holds into the run and return its progress; None without a last.pt."""
+def resume(run: Run, checkpoint: dict | None) -> dict | None:
+    """Restore everything last.pt (`checkpoint`) holds into the run and return its progress; None
+    without a last.pt."""
     path = run.last_path
-    if not path.exists():
+    if checkpoint is None:
         log.info("resume: no %s yet, starting fresh", path)
         return None
-    checkpoint = load_checkpoint(path)
     check_same_data(checkpoint, path, run.cfg, run.data)
     load_weights(run.model, checkpoint, path)
     try:
@@ -1429,8 +1429,7 @@ def resume(run: Run) -> dict | None:
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         fail(f"{path} cannot be resumed from (incomplete, or saved with other settings): {first_line(e)}")
     log.info("resumed from %s after epoch %d", path, progress["epoch"])
-    run.progress = progress
-    apply_changed_settings(run, checkpoint["config"])
+    apply_changed_settings(run, checkpoint["config"], progress["epoch"])
     return progress
 
 
