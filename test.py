@@ -143,9 +143,13 @@ def iris_run(tmp_path_factory):
     if not IRIS_CSV.is_file():
         pytest.skip("no bundled datasets/Iris.csv beside test.py")
     root = tmp_path_factory.mktemp("iris")
-    summary = train.main(flags(root, "scikit-learn/iris", "--val-fraction", "0.15", "--test-fraction", "0.15",
-                               "--seed", "42", label="Species", epochs=50))
-    return root, summary
+    saves, save_checkpoint = [], train.save_checkpoint
+    with pytest.MonkeyPatch.context() as patch:  # which checkpoints it writes, and where in the epoch
+        patch.setattr(train, "save_checkpoint", lambda path, state: saves.append((path.name, state.get("position")))
+                      or save_checkpoint(path, state))
+        summary = train.main(flags(root, "scikit-learn/iris", "--val-fraction", "0.15", "--test-fraction", "0.15",
+                                   "--seed", "42", label="Species", epochs=50))
+    return root, summary, saves
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -203,10 +207,16 @@ def test_the_learning_rate_follows_its_schedule_step_by_step(blobs_run):
 
 
 def test_iris_reaches_90_percent_on_rows_it_never_saw(iris_run):
-    root, summary = iris_run
+    root, summary, _ = iris_run
     report = json.loads((root / "training-loop/test_report.json").read_text())
     assert report["rows"] == 24 and report["accuracy"] >= 0.9
     assert report["classes"] == ["Iris-setosa", "Iris-versicolor", "Iris-virginica"]
+
+
+def test_iris_at_the_default_save_every_steps_writes_checkpoints_at_epoch_ends_only(iris_run):
+    _, summary, saves = iris_run  # every flag pinned but --save-every-steps: its default, on 7-step epochs
+    assert [name for name, _ in saves].count("last.pt") == 50
+    assert all(position is None for _, position in saves), "mid-epoch saves on a small table cost more than they save"
 
 
 def readme_predict_snippet() -> str:
@@ -221,7 +231,7 @@ def readme_predict_snippet() -> str:
 
 def test_readme_snippet_predicts_like_the_pipeline_on_raw_rows(iris_run, monkeypatch, capsys):
     snippet = readme_predict_snippet()
-    root, _ = iris_run
+    root, _, _ = iris_run
     monkeypatch.chdir(root)
     exec(snippet, {})  # as written: the two example rows are a setosa and a virginica
     assert capsys.readouterr().out.split()[::2] == ["Iris-setosa", "Iris-virginica"]
@@ -641,23 +651,70 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)  # bit-identical, not merely close
 
 
-def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+TRAIN_MAIN = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+import train
+
+real_save_checkpoint, real_load_weights = train.save_checkpoint, train.load_weights
+kill_at = os.environ.get("KILL_AT")  # "epoch,step": kill -9 as that epoch saves after that step (that save is lost)
+record = os.environ.get("RECORD_WEIGHTS")  # a folder for each rank's final weights
+
+def save_or_die(path, state):
+    position = state.get("position")
+    if kill_at and position and f"{{position['epoch']}},{{position['steps']}}" == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save_checkpoint(path, state)
+
+def record_then_load(model, checkpoint, path):
+    if record and path.name == "best_model.pt":  # training is over: record this rank's final weights
+        torch.save(dict(model.named_parameters()), os.path.join(record, f"rank{{os.environ.get('RANK', 0)}}.pt"))
+    real_load_weights(model, checkpoint, path)
+
+train.save_checkpoint, train.load_weights = save_or_die, record_then_load
+train.main(sys.argv[1:])
+"""
+
+
+def run_train(tmp_path: Path, *args: str, kill_at: str = "", record: Path | None = None,
+              launcher: tuple = (), timeout: int = 300) -> subprocess.CompletedProcess:
+    """train.main in a process of its own (or several, under a launcher such as torchrun). kill_at
+    "E,S": it kill -9s itself as epoch E saves after step S. record: each rank's final weights go there."""
+    script = tmp_path / "train_main.py"
+    script.write_text(TRAIN_MAIN.format(repo=str(REPO)))
+    env = {**os.environ, "KILL_AT": kill_at, "RECORD_WEIGHTS": str(record or "")}
+    # Output to files, not pipes: a killed run's DataLoader worker holds a pipe open for seconds.
+    with open(tmp_path / "stdout.txt", "w+") as out, open(tmp_path / "stderr.txt", "w+") as err:
+        run = subprocess.run([sys.executable, *launcher, str(script), *args], stdout=out, stderr=err, env=env,
+                             timeout=timeout)
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(run.args, run.returncode, out.read(), err.read())
+
+
+def mid_epoch_position(root: Path) -> dict:
+    position = torch.load(root / "checkpoints/last.pt", weights_only=True)["position"]
+    assert position is not None, "last.pt was written at an epoch's end, not mid-epoch"
+    return position
+
+
+@pytest.mark.parametrize("extra", [
+    [],  # the in-memory path
+    ["--loader", "dataloader", "--num-workers", "1", "--grad-accum-steps", "2", "--use-amp", "--amp-dtype", "bfloat16",
+     "--early-stopping-patience", "2"],
+], ids=["memory", "dataloader-worker-accumulation-bf16"])
+def test_kill_9_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, extra):
     source = blobs_csv(tmp_path / "blobs.csv")
-    args = ["--epochs", "12", "--batch-size", "2"]  # 36 steps an epoch: time to kill mid-run
-    train.main(flags(tmp_path / "whole", source, *args))
+    cache = ["--datasets-dir", str(tmp_path / "datasets")]  # one for all: the subprocess starts warm
+    args = ["--batch-size", "4", "--save-every-steps", "2", *cache, *extra]  # 18 batches an epoch: saves inside each
+    whole = train.main(flags(tmp_path / "whole", source, *args, epochs=6))
     killed = tmp_path / "killed"
-    command = [sys.executable, str(REPO / "train.py"), *flags(killed, source, *args)]
-    run = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    for line in run.stderr:
-        if "epoch   4/12" in line:
-            run.kill()
-            break
-    run.wait(timeout=120)
-    assert run.returncode == -signal.SIGKILL
-    assert 4 <= torch.load(killed / "checkpoints/last.pt", weights_only=True)["epoch"] < 12  # whole and loadable
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_run(tmp_path / "whole", killed)
+    crashed = run_train(tmp_path, *flags(killed, source, *args, epochs=6), kill_at="3,4")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert (mid_epoch_position(killed)["epoch"], mid_epoch_position(killed)["steps"]) == (3, 2)
+    resumed = train.main(flags(killed, source, *args, "--resume", epochs=6))
+    assert_same_run(tmp_path / "whole", killed)  # the DataLoader path must also match the in-memory one
+    assert resumed["report"] == whole["report"]
 
 
 def signal_during_epoch(monkeypatch, epoch: int, signum: int) -> None:
@@ -680,23 +737,32 @@ def signal_during_epoch(monkeypatch, epoch: int, signum: int) -> None:
     monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_stops_cleanly_drops_the_cut_epoch_and_resumes_exactly(tmp_path, monkeypatch, caplog, signum, status):
+@pytest.mark.parametrize("signum, status, epoch", [
+    (signal.SIGTERM, 143, 1),  # before the first epoch ends: still a last.pt to resume from
+    (signal.SIGINT, 130, 4),
+    (signal.SIGHUP, 129, 2),
+])
+def test_a_signal_mid_epoch_saves_that_step_and_resumes_exactly(tmp_path, monkeypatch, caplog, signum, status, epoch):
     source = blobs_csv(tmp_path / "blobs.csv")
-    train.main(flags(tmp_path / "whole", source, epochs=8))
+    args = ["--save-every-steps", "0"]  # no saves but the signal's: its own is the only mid-epoch last.pt
+    train.main(flags(tmp_path / "whole", source, *args, epochs=5))
     stopped = tmp_path / "stopped"
     handler_before = signal.getsignal(signum)
     with monkeypatch.context() as patch:
-        signal_during_epoch(patch, epoch=5, signum=signum)
+        signal_during_epoch(patch, epoch=epoch, signum=signum)
         with pytest.raises(SystemExit) as exit_info:
-            train.main(flags(stopped, source, epochs=8))
+            train.main(flags(stopped, source, *args, epochs=5))
     assert exit_info.value.code == status
     assert "Resume with: python train.py" in caplog.text and "--resume" in caplog.text
-    assert torch.load(stopped / "checkpoints/last.pt", weights_only=True)["epoch"] == 4
-    assert len(json.loads((stopped / "training-loop/history.json").read_text())) == 4
-    assert (stopped / "training-loop/loss_curve.png").exists()
+    position = mid_epoch_position(stopped)  # 72 training rows, batch 16: 5 steps an epoch
+    assert position["epoch"] == epoch and 0 < position["steps"] < 5
+    assert f"holds epoch {epoch}, step {position['steps']} of 5" in caplog.text
+    history = stopped / "training-loop/history.json"
+    assert len(json.loads(history.read_text())) == epoch - 1 if epoch > 1 else not history.exists()
     assert signal.getsignal(signum) is handler_before  # main() gives the signal back as it found it
-    train.main(flags(stopped, source, "--resume", epochs=8))
+    caplog.clear()
+    train.main(flags(stopped, source, *args, "--resume", epochs=5))
+    assert f"at epoch {epoch}, step {position['steps']} of 5" in caplog.text
     assert_same_run(tmp_path / "whole", stopped)
 
 
@@ -820,16 +886,16 @@ def test_bad_input_gets_one_clear_line_and_leaves_every_file_alone(finished_run,
 
 
 def test_a_second_run_on_the_same_checkpoint_dir_is_refused(tmp_path):
-    import fcntl
-
     source = blobs_csv(tmp_path / "blobs.csv")
     (tmp_path / "checkpoints").mkdir()
-    with open(tmp_path / "checkpoints/.lock", "w") as held:  # a run in progress holds this
-        fcntl.flock(held, fcntl.LOCK_EX)
-        held.write("4242")
-        held.flush()
+    hold = (f"import fcntl, sys; f = open({str(tmp_path / 'checkpoints/.lock')!r}, 'a+'); "
+            "fcntl.lockf(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('held', flush=True); sys.stdin.read()")
+    with subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as other:  # another process, with a run in progress, holds the folder
+        assert other.stdout.readline() == "held\n"
         with pytest.raises(SystemExit, match="another run \\(pid 4242\\) is using"):
             train.main(flags(tmp_path, source, epochs=1))
+        other.stdin.close()
     assert not (tmp_path / "checkpoints/best_model.pt").exists()
     train.main(flags(tmp_path, source, epochs=1))  # once it has ended, the folder is free
     assert not (tmp_path / "checkpoints/.lock").exists()
@@ -974,6 +1040,7 @@ def test_many_classes_keep_the_log_and_plots_small(tmp_path, caplog):
 ])
 def test_a_stop_from_outside_is_one_line_and_its_exit_status(tmp_path, signum, status, when):
     source = blobs_csv(tmp_path / "blobs.csv")
+    train.prepare_data(config(source, tmp_path))  # a warm cache: the run reaches its loop sooner
     run = subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags(tmp_path, source, "--batch-size", "2",
                                                                            epochs=30)],
                            stderr=subprocess.PIPE, text=True)
@@ -1052,13 +1119,6 @@ def test_changed_data_and_a_foreign_best_checkpoint_are_refused(tmp_path):
             train.main(flags(tmp_path, source, mode, epochs=3))
 
 
-def test_dataloader_path_trains_exactly_like_the_in_memory_path(tmp_path):
-    source = blobs_csv(tmp_path / "blobs.csv")
-    for loader in ("memory", "dataloader"):
-        train.main(flags(tmp_path / loader, source, "--loader", loader, epochs=4))
-    assert_same_run(tmp_path / "memory", tmp_path / "dataloader")
-
-
 def test_bench_loops_do_the_same_work():
     if not (REPO / "bench.py").is_file():
         pytest.skip("no bench.py beside test.py")
@@ -1075,63 +1135,57 @@ def test_bench_loops_do_the_same_work():
 
 # ----------------------------------------------------------------------------- scaling out
 
-RANK_WEIGHTS = """
-import os, sys
-import torch, torch.distributed as dist
-sys.path.insert(0, {repo!r})
-import train
-
-real_load_weights = train.load_weights
-
-def record_then_load(model, checkpoint, path):
-    if path.name == "best_model.pt":  # training is over: record this rank's final weights
-        torch.save(dict(model.named_parameters()), {out!r} + f"/rank{{dist.get_rank()}}.pt")
-    real_load_weights(model, checkpoint, path)
-
-train.load_weights = record_then_load
-train.main(sys.argv[1:])
-"""
+def torchrun(tmp_path: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    """train.main under torchrun: 2 CPU processes (gloo)."""
+    return run_train(tmp_path, *args, "--device", "cpu", launcher=("-m", "torch.distributed.run", "--standalone",
+                                                                    "--nproc_per_node=2"), timeout=600, **kwargs)
 
 
-def torchrun(tmp_path: Path, *args: str) -> str:
-    """Run train.py under torchrun, 2 CPU processes (gloo); each rank's final weights land in tmp_path."""
-    script = tmp_path / "rank_weights.py"
-    script.write_text(RANK_WEIGHTS.format(repo=str(REPO), out=str(tmp_path)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), *args, "--device", "cpu"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+def rank_weights(root: Path) -> dict:
+    """Each rank's final weights (recorded by the script): the ranks must hold the same ones."""
+    ranks = [torch.load(root / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0]), "the ranks' weights differ"
-    return result.stdout + result.stderr
+    return ranks[0]
 
 
-def test_torchrun_two_cpu_processes_train_as_one(tmp_path):
+def test_torchrun_two_cpu_processes_train_as_one_and_resume_mid_epoch_exactly(tmp_path):
     source = blobs_csv(tmp_path / "blobs.csv")
-    output = torchrun(tmp_path, *flags(tmp_path, source))
+    data = train.prepare_data(config(source, tmp_path))  # builds the dataset cache every run below reads
+    # 36 rows per rank, batch 8, 2 micro-batches a step (no_sync): 3 steps an epoch, a save after each
+    args = ["--batch-size", "8", "--grad-accum-steps", "2", "--save-every-steps", "1",
+            "--datasets-dir", str(tmp_path / "datasets")]
+    whole = tmp_path / "whole"
+    result = torchrun(tmp_path, *flags(whole, source, *args), record=whole)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
     assert output.count("epoch   1/20") == 1 and "effective batch 32" in output  # rank 0 alone logs
-    written = sorted(str(p.relative_to(tmp_path)) for d in ("checkpoints", "training-loop")
-                     for p in (tmp_path / d).iterdir())
+    written = sorted(str(p.relative_to(whole)) for d in ("checkpoints", "training-loop") for p in (whole / d).iterdir())
     assert written == ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/confusion_matrix.png",
                        "training-loop/history.json", "training-loop/loss_curve.png", "training-loop/test_report.json"]
-    best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
+    best = torch.load(whole / "checkpoints/best_model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in best["model"])  # loads in a single process
     # What the ranks logged together equals a single-process evaluation of the saved model.
-    data = train.prepare_data(config(source, tmp_path))
     model = train.model_from_checkpoint(best)
-    history = json.loads((tmp_path / "training-loop/history.json").read_text())
+    history = json.loads((whole / "training-loop/history.json").read_text())
     val = train.evaluate(model, train.iterate_batches(*data["val"], 16))
     assert val["loss"] == pytest.approx(history[best["epoch"] - 1]["val_loss"], abs=1e-5), BATCH_INDEPENDENT
     assert val["acc"] == pytest.approx(history[best["epoch"] - 1]["val_acc"]), BATCH_INDEPENDENT
-    report = json.loads((tmp_path / "training-loop/test_report.json").read_text())
+    report = json.loads((whole / "training-loop/test_report.json").read_text())
     single = train.classification_report(train.predict(model, data["test"][0], 16), data["test"][1], data["classes"])
     assert report["confusion_matrix"] == single["confusion_matrix"] and report["rows"] == 24, BATCH_INDEPENDENT
     assert report["accuracy"] >= 0.9
+    final = rank_weights(whole)
 
-    # Resume under torchrun (every rank reads rank 0's last.pt) and go on with accumulation (no_sync).
-    output = torchrun(tmp_path, *flags(tmp_path, source, "--resume", "--grad-accum-steps", "2", epochs=23))
-    assert "after epoch 20" in output and "effective batch 64" in output
-    assert [h["epoch"] for h in json.loads((tmp_path / "training-loop/history.json").read_text())][-4:] == \
-        [20, 21, 22, 23]
+    # kill -9 in epoch 11, then resume: every rank reads rank 0's last.pt and goes on at the next step.
+    killed = tmp_path / "killed"
+    result = torchrun(tmp_path, *flags(killed, source, *args), kill_at="11,2")
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert (mid_epoch_position(killed)["epoch"], mid_epoch_position(killed)["steps"]) == (11, 1)
+    result = torchrun(tmp_path, *flags(killed, source, *args, "--resume"), record=killed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "at epoch 11, step 1 of 3" in result.stderr
+    assert_same_run(whole, killed)
+    assert all(torch.equal(final[k], rank_weights(killed)[k]) for k in final)
 
 
 def test_epoch_shards_follow_distributed_sampler():

@@ -85,7 +85,8 @@ class TrainingConfig:
     # outputs
     checkpoint_dir: str = "checkpoints"  # best_model.pt and last.pt go here
     output_dir: str = "training-loop"  # history.json, loss_curve.png and test_report.json go here
-    resume: bool = False  # continue from checkpoint_dir/last.pt
+    resume: bool = False  # continue from checkpoint_dir/last.pt, at the epoch and step it recorded
+    save_every_steps: int = 1000  # also write last.pt every N optimizer steps into an epoch; 0: at epoch ends only
     log_every: int = 10  # log every N epochs (the first and last are always logged)
     tensorboard: bool = False  # also log scalars to runs/<dataset>-<time> (needs: pip install tensorboard)
     # instead of training
@@ -167,6 +168,7 @@ def validate_config(cfg: TrainingConfig) -> None:
         (cfg.grad_clip >= 0, "--grad-clip must be 0 (off) or more"),
         (cfg.early_stopping_patience >= 0, "--early-stopping-patience must be 0 (off) or more"),
         (cfg.log_every >= 1, "--log-every must be at least 1"),
+        (cfg.save_every_steps >= 0, "--save-every-steps must be 0 (epoch ends only) or more"),
         (cfg.num_workers >= 0, "--num-workers must be 0 or more"),
         (cfg.grad_accum_steps >= 1, "--grad-accum-steps must be at least 1"),
         (cfg.loader in ("auto", "memory", "dataloader"),
@@ -727,7 +729,7 @@ def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, rows: tor
 
 
 def loader_batches(x: torch.Tensor, y: torch.Tensor, cfg: TrainingConfig, device: torch.device,
-                   epoch: int | None, rank: int = 0, world: int = 1):
+                   epoch: int | None, rank: int = 0, world: int = 1, start: int = 0):
     """The same batches, in the same order, through a torch DataLoader over host memory. Pinned
     pages let the copy to the GPU run alongside compute (non_blocking)."""
     from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
@@ -736,8 +738,9 @@ def loader_batches(x: torch.Tensor, y: torch.Tensor, cfg: TrainingConfig, device
     if epoch is None:
         rows = shard_rows(len(x), rank, world).tolist()
     else:
-        rows = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-        rows.set_epoch(epoch)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+        rows = list(sampler)[start:]
     # A private generator for the workers' base seed: otherwise each epoch's iterator draws it from
     # the global RNG, shifting dropout's stream and so breaking exact resume.
     loader = DataLoader(dataset, sampler=BatchSampler(rows, cfg.batch_size, drop_last=False), batch_size=None,
@@ -747,15 +750,16 @@ def loader_batches(x: torch.Tensor, y: torch.Tensor, cfg: TrainingConfig, device
 
 
 def epoch_batches(split: tuple, cfg: TrainingConfig, device: torch.device, epoch: int | None = None,
-                  rank: int = 0, world: int = 1):
-    """This rank's pass over a split: shuffled for `epoch`, or in order for evaluation (None)."""
+                  rank: int = 0, world: int = 1, start: int = 0):
+    """This rank's pass over a split: shuffled for `epoch`, or in order for evaluation (None). A
+    resumed epoch starts `start` rows into this rank's share: the same order, nothing replayed."""
     x, y = split
     if cfg.loader == "dataloader":
-        return loader_batches(x, y, cfg, device, epoch, rank, world)
+        return loader_batches(x, y, cfg, device, epoch, rank, world, start)
     if epoch is None and world == 1:
         return iterate_batches(x, y, cfg.batch_size)
     seed = None if epoch is None else cfg.seed + epoch
-    return iterate_batches(x, y, cfg.batch_size, shard_rows(len(x), rank, world, seed))
+    return iterate_batches(x, y, cfg.batch_size, shard_rows(len(x), rank, world, seed)[start:])
 
 
 # ----------------------------------------------------------------------------- model
@@ -844,16 +848,23 @@ def with_last(items):
 
 
 def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None, amp_dtype=None,
-                    grad_clip: float = 0.0, loss_fn=F.cross_entropy, accum_steps: int = 1) -> float:
+                    grad_clip: float = 0.0, loss_fn=F.cross_entropy, accum_steps: int = 1,
+                    tally: dict | None = None, after_step=None) -> float | None:
     """One pass over `batches`; returns the training loss averaged over rows (and ranks), not batches.
 
     With accum_steps > 1 the optimizer steps once every accum_steps micro-batches (and at the end);
-    under DDP, only that last micro-batch's backward all-reduces gradients."""
+    under DDP, only that last micro-batch's backward all-reduces gradients.
+
+    The epoch so far is a tally: {"loss_sum", "rows", "steps"}. A resumed epoch passes in the one
+    it saved, with `batches` starting where it stopped. `after_step(tally)` runs after every
+    optimizer step but the epoch's last, where nothing is half accumulated; if it returns True,
+    the epoch stops there and this returns None."""
     model.train()
     device = next(model.parameters()).device
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    loss_sum = torch.zeros((), device=device)  # stays on the device: no host sync per step
-    rows = 0
+    tally = tally or {"loss_sum": torch.zeros(()), "rows": 0, "steps": 0}
+    loss_sum = tally["loss_sum"].to(device, copy=True)  # stays on the device: no host sync per step
+    rows, steps = tally["rows"], tally["steps"]
     for i, ((xb, yb), last) in enumerate(with_last(batches)):
         if i % accum_steps == 0:
             optimizer.zero_grad(set_to_none=True)
@@ -873,6 +884,9 @@ def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None, amp_
         scaler.update()
         if scheduler is not None:
             scheduler.step()  # once per optimizer step: the schedule is laid out in steps, not epochs
+        steps += 1
+        if not last and after_step is not None and after_step({"loss_sum": loss_sum, "rows": rows, "steps": steps}):
+            return None
     loss_sum, rows = all_reduce(torch.stack([loss_sum, torch.tensor(float(rows), device=device)])).tolist()
     return loss_sum / max(rows, 1)
 
@@ -978,20 +992,25 @@ def model_state(model, data: dict, cfg: TrainingConfig, epoch: int) -> dict:
     }
 
 
+def every_rank(obj) -> list:
+    """obj from every rank, in rank order (a collective under DDP); outside torchrun, [obj]."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def rng_states() -> list[dict]:
-    """Every random stream the run draws from, as plain values, one entry per rank (gathered
-    under DDP). Resuming without them drifts; shuffling needs none, being a function of seed and epoch."""
+    """Every random stream the run draws from, as plain values, one entry per rank. Resuming
+    without them drifts; shuffling needs none, being a function of seed and epoch."""
     # weights_only loads no ndarrays, so numpy's and Python's keys travel as tensors.
     numpy_state = np.random.get_state(legacy=False)
     numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
     version, python_key, gauss = random.getstate()
-    mine = {"python": (version, torch.tensor(python_key), gauss), "numpy": numpy_state,
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    if not dist.is_initialized():
-        return [mine]
-    every_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, mine)
-    return every_rank
+    return every_rank({"python": (version, torch.tensor(python_key), gauss), "numpy": numpy_state,
+                       "torch": torch.get_rng_state(),
+                       "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
 
 
 def restore_rng_states(states: dict) -> None:
@@ -1204,6 +1223,7 @@ class Run:
     best_path: Path
     last_path: Path
     out: Path  # cfg.output_dir
+    tally: dict | None = None  # after a mid-epoch stop: this rank's tally where the next epoch resumes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -1253,8 +1273,8 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x the float32 throughput on Ampere+
     model = build_model(len(data["inputs"]), len(data["classes"]) or 1, cfg).to(device)
     eval_model, train_model = wrap_model(model, cfg, device, world)
-    steps = math.ceil(batches_per_epoch(cfg, data, world) / cfg.grad_accum_steps)
-    optimizer, scheduler, scaler = make_optimization(model, cfg, device, amp_dtype, steps_per_epoch=steps)
+    optimizer, scheduler, scaler = make_optimization(model, cfg, device, amp_dtype,
+                                                     steps_per_epoch=steps_per_epoch(cfg, data, world))
     run_id = [f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"]  # ties best_model.pt to last.pt
     if world > 1:
         dist.broadcast_object_list(run_id, src=0)  # one id for the run, rank 0's
@@ -1298,6 +1318,10 @@ def batches_per_epoch(cfg: TrainingConfig, data: dict, world: int) -> int:
     return math.ceil(math.ceil(len(data["train"][0]) / world) / cfg.batch_size)  # each rank's share, in batches
 
 
+def steps_per_epoch(cfg: TrainingConfig, data: dict, world: int) -> int:
+    return math.ceil(batches_per_epoch(cfg, data, world) / cfg.grad_accum_steps)
+
+
 def log_setup(run: Run) -> None:
     cfg, data = run.cfg, run.data
     log.info("data: %s, %s of %r from %d columns (%d inputs)%s; %d train / %d val / %d test rows; loader: %s",
@@ -1312,7 +1336,8 @@ def log_setup(run: Run) -> None:
 
 def fit(run: Run, argv: list[str] | None = None) -> None:
     """The epoch loop: train, validate, keep the best, save, log. Ends after cfg.epochs, on early
-    stopping, or on a signal (then with exit status 128 + signal, after saving what finished)."""
+    stopping, or on a signal (then with exit status 128 + signal, after saving last.pt at the
+    step it stopped on)."""
     cfg, progress = run.cfg, run.progress
     weights = run.data["class_weights"]
     loss_fn = loss_function(run.data["task"], None if weights is None else weights.to(run.device), cfg.label_smoothing)
@@ -1322,11 +1347,12 @@ def fit(run: Run, argv: list[str] | None = None) -> None:
                 log.info("early stop: no better val loss in %d epochs", progress["stale"])
                 break
             started = time.perf_counter()
-            batches = training_batches(run, epoch, stop, view)
-            train_loss = train_one_epoch(run.train_model, batches, run.optimizer, run.scheduler, run.scaler,
-                                         run.amp_dtype, cfg.grad_clip, loss_fn, cfg.grad_accum_steps)
-            if stop["cut"]:
-                break  # an unfinished epoch is dropped whole: last.pt keeps the one before, so resume is exact
+            tally, run.tally = run.tally, None  # only the first epoch of a mid-epoch resume has one
+            train_loss = train_one_epoch(run.train_model, training_batches(run, epoch, tally, view), run.optimizer,
+                                         run.scheduler, run.scaler, run.amp_dtype, cfg.grad_clip, loss_fn,
+                                         cfg.grad_accum_steps, tally, partial(step_done, run, epoch, stop))
+            if train_loss is None:
+                break  # stopped mid-epoch, and last.pt holds that step
             val = evaluate(run.eval_model, epoch_batches(run.val_split, cfg, run.device, None, run.rank, run.world),
                            run.amp_dtype, run.data["task"], run.data["target_std"])
             record_epoch(run, epoch, train_loss, val, time.perf_counter() - started)
@@ -1334,7 +1360,41 @@ def fit(run: Run, argv: list[str] | None = None) -> None:
             if stop_agreed(stop, run.world):
                 break
     if stop["signal"] is not None:
-        exit_resumable(run, stop["signal"], argv or [])
+        exit_resumable(run, stop, argv or [])
+
+
+# Under DDP, how often (in steps) the ranks compare stop flags: one tiny all_reduce, not one per step.
+STOP_CHECK_STEPS = 10
+
+
+def step_done(run: Run, epoch: int, stop: dict, tally: dict) -> bool:
+    """After each optimizer step inside an epoch: write last.pt every save_every_steps steps, and
+    on a stop, at that very step; return whether to stop. Under DDP a signal may reach some ranks
+    a step apart, so they agree every STOP_CHECK_STEPS steps and all stop on the same one."""
+    steps, every = tally["steps"], run.cfg.save_every_steps
+    stopping = (run.world == 1 or steps % STOP_CHECK_STEPS == 0) and stop_agreed(stop, run.world)
+    if stopping or (every and steps % every == 0):
+        # each rank's own loss sum: gathering them keeps the epoch's final all_reduce, and so its loss, exact
+        save_last(run, {"epoch": epoch, "steps": steps, "rows": tally["rows"],
+                        "loss_sum": every_rank(tally["loss_sum"].cpu())})
+    if stopping:
+        stop["at"] = where(run, epoch, steps)
+    return stopping
+
+
+def where(run: Run, epoch: int, steps: int) -> str:
+    return f"epoch {epoch}, step {steps} of {steps_per_epoch(run.cfg, run.data, run.world)}"
+
+
+def save_last(run: Run, position: dict | None = None) -> None:
+    """last.pt: everything --resume needs to go on exactly. `position` is None at an epoch's end;
+    mid-epoch it says where: the epoch, its steps and rows (per rank) so far, each rank's loss sum."""
+    progress = run.progress
+    save_checkpoint(run.last_path, {**model_state(run.model, run.data, run.cfg, progress["epoch"]),
+                                    "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                                    "scaler": run.scaler.state_dict(), "rng": rng_states(), "position": position,
+                                    # the history as JSON text: one string, not a pickled object a value
+                                    "progress": {**progress, "history": json.dumps(progress["history"])}})
 
 
 def record_epoch(run: Run, epoch: int, train_loss: float, val: dict, seconds: float) -> None:
@@ -1351,11 +1411,7 @@ def record_epoch(run: Run, epoch: int, train_loss: float, val: dict, seconds: fl
                                         "run": progress["run"]})
     else:
         progress["stale"] += 1
-    save_checkpoint(run.last_path, {**model_state(run.model, run.data, run.cfg, epoch),
-                                    "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                                    "scaler": run.scaler.state_dict(), "rng": rng_states(),
-                                    # the history as JSON text: one string, not a pickled object a value
-                                    "progress": {**progress, "history": json.dumps(history)}})
+    save_last(run)
     write_json(run.out / "history.json", history)
 
 
@@ -1426,9 +1482,19 @@ def resume(run: Run, checkpoint: dict | None) -> dict | None:
             log.warning("resume: saved by %d rank(s), now %d: random streams restart from the seed",
                         len(checkpoint["rng"]), run.world)
         progress = {**checkpoint["progress"], "history": json.loads(checkpoint["progress"]["history"])}
+        position = checkpoint.get("position")
+        if position is not None and len(position["loss_sum"]) == run.world:
+            run.tally = {"loss_sum": position["loss_sum"][run.rank], "rows": position["rows"],
+                         "steps": position["steps"]}
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         fail(f"{path} cannot be resumed from (incomplete, or saved with other settings): {first_line(e)}")
-    log.info("resumed from %s after epoch %d", path, progress["epoch"])
+    if run.tally is not None:
+        log.info("resumed from %s at %s", path, where(run, position["epoch"], position["steps"]))
+    elif position is not None:  # each rank's share of the epoch was another: no way to go on mid-share
+        log.warning("resume: %s was saved inside epoch %d by %d rank(s), now %d: that epoch restarts from its "
+                    "first batch", path, position["epoch"], len(position["loss_sum"]), run.world)
+    else:
+        log.info("resumed from %s after epoch %d", path, progress["epoch"])
     apply_changed_settings(run, checkpoint["config"], progress["epoch"])
     return progress
 
@@ -1536,8 +1602,10 @@ def one_run_per_folder(folder: str, rank: int = 0):
         fail(f"cannot create or write to the folder {folder}: {e.strerror or e}")
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # A POSIX lock, not flock: it belongs to this process alone, so a DataLoader worker (a fork)
+            # that outlives a kill -9 for a few seconds does not hold the folder against the --resume.
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EAGAIN or EACCES, by platform
             handle.seek(0)
             fail(f"another run (pid {handle.read().strip() or '?'}) is using {folder}; wait for it to end, "
                  "or give this one another --checkpoint-dir")
@@ -1559,8 +1627,9 @@ def barrier() -> None:
 @contextmanager
 def stop_on_signals():
     """SIGINT (Ctrl-C), SIGTERM (schedulers, spot reclaim) and SIGHUP (a closed terminal) ask the
-    loop to stop after the current step. A second signal stops at once; the atomic writes keep every file whole."""
-    stop = {"signal": None, "cut": False}
+    loop to stop after the current optimizer step, and save it (see step_done). A second signal
+    stops at once; the atomic writes keep every file whole."""
+    stop = {"signal": None}
 
     def request_stop(signum, frame):
         if stop["signal"] is not None:
@@ -1581,26 +1650,17 @@ def stop_on_signals():
             signal.signal(s, handler)
 
 
-def training_batches(run: Run, epoch: int, stop: dict, view: dict):
-    """This epoch's shuffled batches; a bar of their own on a long epoch; cut short by a stop."""
-    batches = epoch_batches(run.train_split, run.cfg, run.device, epoch, run.rank, run.world)
+def training_batches(run: Run, epoch: int, tally: dict | None, view: dict):
+    """This epoch's shuffled batches, from where `tally` stopped; a bar of their own on a long epoch."""
+    start = tally["rows"] if tally else 0
+    batches = epoch_batches(run.train_split, run.cfg, run.device, epoch, run.rank, run.world, start)
     total = batches_per_epoch(run.cfg, run.data, run.world)
     if view["bar"] is not None and total >= 100:
         from tqdm import tqdm
 
-        batches = tqdm(batches, total=total, leave=False, unit="batch", desc=f"epoch {epoch}")
-    if run.world > 1:
-        return batches  # under DDP, ranks agree to stop at the epoch's end (see stop_agreed)
-    return until_stopped(batches, stop)
-
-
-def until_stopped(batches, stop: dict):
-    """Pass batches through until a stop is asked for; mark the epoch as cut if one was."""
-    for batch in batches:
-        if stop["signal"] is not None:
-            stop["cut"] = True
-            return
-        yield batch
+        batches = tqdm(batches, total=total, initial=start // run.cfg.batch_size, leave=False, unit="batch",
+                       desc=f"epoch {epoch}")
+    return batches
 
 
 def stop_agreed(stop: dict, world: int) -> bool:
@@ -1610,15 +1670,15 @@ def stop_agreed(stop: dict, world: int) -> bool:
     return stop["signal"] is not None
 
 
-def exit_resumable(run: Run, signum: int, argv: list[str]) -> None:
+def exit_resumable(run: Run, stop: dict, argv: list[str]) -> None:
     """After a stop: plot what finished, say how to resume, exit 128 + the signal's number."""
     history = run.progress["history"]
     if history and run.rank == 0:
         plot_history(history, run.progress["best_epoch"], run_title(run) + ", stopped", run.out / "loss_curve.png")
     launcher = ["torchrun", f"--nproc_per_node={run.world}"] if run.world > 1 else ["python"]
     again = shlex.join([*launcher, "train.py", *[a for a in argv if a != "--resume"], "--resume"])
-    saved = f"{run.last_path} holds epoch {run.progress['epoch']}" if history else "no epoch finished, nothing saved"
-    log.warning("stopped by %s: %s. Resume with: %s", signal.Signals(signum).name, saved, again)
+    signum, at = stop["signal"], stop.get("at") or f"the end of epoch {run.progress['epoch']}"
+    log.warning("stopped by %s: %s holds %s. Resume with: %s", signal.Signals(signum).name, run.last_path, at, again)
     raise SystemExit(128 + signum)
 
 
