@@ -15,10 +15,17 @@ Part 2, end to end in subprocesses: the default `python train.py` (warm dataset 
 bare script doing the same job (import, train, one save) and an article-style script (datasets,
 DataLoader, pyplot). Several runs each, interleaved; median wall time and peak RSS.
 
+Part 3, the price of mid-epoch checkpoints: `python train.py` on a large generated table
+(1.2M rows, so epochs of over 1,000 steps at the default batch), at the default
+--save-every-steps against --save-every-steps 0. Runs interleaved; the fastest epoch of each.
+The difference is below the noise, so the cost is also computed from its parts: the time of
+one mid-epoch save_last (median of 20, on the same run's state) x saves per epoch / epoch time.
+
 The last line printed is a one-line summary of the ratios.
 """
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -277,6 +284,52 @@ def part_end_to_end(runs: int) -> dict:
     return ratios
 
 
+# ----------------------------------------------------------------------------- part 3: mid-epoch saves
+
+def part_save_cost(runs: int, rows: int = 1_200_000, features: int = 16, epochs: int = 3) -> float:
+    every = train.TrainingConfig().save_every_steps
+    print(f"\n(3) --save-every-steps {every} (the default) against 0, {rows:,} rows: fastest epoch of {runs} x "
+          f"{epochs}, interleaved")
+    import pyarrow as pa  # a dependency of datasets
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        x, y = synthetic(rows, features)
+        pq.write_table(pa.table({**{f"f{i}": x[:, i].numpy() for i in range(features)}, "label": y.numpy()}),
+                       tmp / "large.parquet")
+        base = [sys.executable, str(HERE / "train.py"), "--dataset", str(tmp / "large.parquet"), "--label-column",
+                "label", "--datasets-dir", str(tmp / "datasets"), "--epochs", str(epochs), "--device", "cpu"]
+        settings = {"default": ["--save-every-steps", str(every)], "off": ["--save-every-steps", "0"]}
+        seconds, saves = {name: [] for name in settings}, {}
+        for run in range(runs + 1):  # the first builds the dataset cache and is not counted
+            for name, flags in settings.items():
+                out = tmp / name
+                run_timed([*base, *flags, "--checkpoint-dir", str(out), "--output-dir", str(out)], tmp, os.environ)
+                if run:
+                    seconds[name] += [h["seconds"] for h in json.loads((out / "history.json").read_text())]
+        # One save, timed on its own: train.py's set_up and save_last on the same table and settings.
+        run = train.set_up(train.parse_config([*base[2:], "--checkpoint-dir", str(tmp / "timed"),
+                                               "--output-dir", str(tmp / "timed")]), torch.device("cpu"))
+        steps = train.steps_per_epoch(run.cfg, run.data, 1)
+        position = {"epoch": 1, "steps": every, "rows": every * run.cfg.batch_size, "loss_sum": [torch.tensor(1.0)]}
+        save_seconds = []
+        for _ in range(20):
+            started = time.perf_counter()
+            train.save_last(run, position)
+            save_seconds.append(time.perf_counter() - started)
+    saves = (steps - 1) // every if every else 0  # none at the epoch's last step: the epoch end saves anyway
+    best = {name: min(v) for name, v in seconds.items()}
+    measured = best["default"] / best["off"] - 1
+    noise = max(seconds["off"]) / best["off"] - 1
+    computed = saves * statistics.median(save_seconds) / best["off"]
+    print(f"  {steps} steps an epoch (batch {run.cfg.batch_size}), {saves} mid-epoch save(s) each, "
+          f"{statistics.median(save_seconds) * 1000:.1f} ms a save")
+    print(f"  epoch {best['off']:.3f} s without, {best['default']:.3f} s with: {measured:+.2%} measured "
+          f"(epochs without it spread over {noise:.1%}); {computed:+.3%} from the parts (target well under +1%)")
+    return computed
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -287,17 +340,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5, help="timed epochs per loop and size")
     parser.add_argument("--runs", type=int, default=7, help="end-to-end runs per script")
+    parser.add_argument("--save-runs", type=int, default=3, help="runs per setting in part 3")
+    parser.add_argument("--only", choices=["1", "2", "3"], help="run one part alone")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs")
     summary = []
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    for device in devices:
+    for device in devices if args.only in (None, "1") else ():
         at_scale = [r for r in part_loops(device, args.epochs) if r["rows"] >= 100_000]
         summary.append(f"{device.type} a/c {min(r['a/c'] for r in at_scale):.2f}x"
                        f" a/b {min(r['a/b'] for r in at_scale):.1f}x")
-    e2e = part_end_to_end(args.runs)
-    summary.append(f"e2e train.py/bare {e2e['e2e/bare']:.2f}x train.py/article {e2e['e2e/article']:.2f}x"
-                   f" rss train.py/article {e2e['rss/article']:.2f}x")
+    if args.only in (None, "2"):
+        e2e = part_end_to_end(args.runs)
+        summary.append(f"e2e train.py/bare {e2e['e2e/bare']:.2f}x train.py/article {e2e['e2e/article']:.2f}x"
+                       f" rss train.py/article {e2e['rss/article']:.2f}x")
+    if args.only in (None, "3"):
+        summary.append(f"mid-epoch saves {part_save_cost(args.save_runs):+.3%} epoch time")
     print("\nsummary (worst case at 100k+ rows): " + "; ".join(summary))
 
 
