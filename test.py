@@ -658,13 +658,16 @@ import torch
 import train
 
 real_save_checkpoint, real_load_weights = train.save_checkpoint, train.load_weights
-kill_at = os.environ.get("KILL_AT")  # "epoch,step": kill -9 as that epoch saves after that step (that save is lost)
+signal_at = os.environ.get("SIGNAL_AT")  # "EPOCH,STEP,SIGNAL[,RANK]": see run_train
 record = os.environ.get("RECORD_WEIGHTS")  # a folder for each rank's final weights
 
-def save_or_die(path, state):
+def save_or_signal(path, state):
     position = state.get("position")
-    if kill_at and position and f"{{position['epoch']}},{{position['steps']}}" == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if signal_at and position:
+        epoch, step, name, *ranks = signal_at.split(",")
+        here = [position["epoch"], position["steps"]] == [int(epoch), int(step)]
+        if here and os.environ.get("RANK", "0") in (ranks or ["0"]):
+            os.kill(os.getpid(), getattr(signal, name))
     real_save_checkpoint(path, state)
 
 def record_then_load(model, checkpoint, path):
@@ -672,18 +675,20 @@ def record_then_load(model, checkpoint, path):
         torch.save(dict(model.named_parameters()), os.path.join(record, f"rank{{os.environ.get('RANK', 0)}}.pt"))
     real_load_weights(model, checkpoint, path)
 
-train.save_checkpoint, train.load_weights = save_or_die, record_then_load
+train.save_checkpoint, train.load_weights = save_or_signal, record_then_load
 train.main(sys.argv[1:])
 """
 
 
-def run_train(tmp_path: Path, *args: str, kill_at: str = "", record: Path | None = None,
+def run_train(tmp_path: Path, *args: str, signal_at: str = "", record: Path | None = None,
               launcher: tuple = (), timeout: int = 300) -> subprocess.CompletedProcess:
-    """train.main in a process of its own (or several, under a launcher such as torchrun). kill_at
-    "E,S": it kill -9s itself as epoch E saves after step S. record: each rank's final weights go there."""
+    """train.main in a process of its own (or several, under a launcher such as torchrun).
+    signal_at "E,S,SIGKILL": the process sends itself that signal as epoch E saves its step S
+    (a SIGKILL loses that save); "E,S,SIGTERM,1": rank 1 alone does. record: a folder for each
+    rank's final weights."""
     script = tmp_path / "train_main.py"
     script.write_text(TRAIN_MAIN.format(repo=str(REPO)))
-    env = {**os.environ, "KILL_AT": kill_at, "RECORD_WEIGHTS": str(record or "")}
+    env = {**os.environ, "SIGNAL_AT": signal_at, "RECORD_WEIGHTS": str(record or "")}
     # Output to files, not pipes: a killed run's DataLoader worker holds a pipe open for seconds.
     with open(tmp_path / "stdout.txt", "w+") as out, open(tmp_path / "stderr.txt", "w+") as err:
         run = subprocess.run([sys.executable, *launcher, str(script), *args], stdout=out, stderr=err, env=env,
@@ -709,7 +714,7 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical_to_an_uninterrupted_run(t
     args = ["--batch-size", "4", "--save-every-steps", "2", *cache, *extra]  # 18 batches an epoch: saves inside each
     whole = train.main(flags(tmp_path / "whole", source, *args, epochs=6))
     killed = tmp_path / "killed"
-    crashed = run_train(tmp_path, *flags(killed, source, *args, epochs=6), kill_at="3,4")
+    crashed = run_train(tmp_path, *flags(killed, source, *args, epochs=6), signal_at="3,4,SIGKILL")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     assert (mid_epoch_position(killed)["epoch"], mid_epoch_position(killed)["steps"]) == (3, 2)
     resumed = train.main(flags(killed, source, *args, "--resume", epochs=6))
@@ -1148,17 +1153,17 @@ def rank_weights(root: Path) -> dict:
     return ranks[0]
 
 
-def test_torchrun_two_cpu_processes_train_as_one_and_resume_mid_epoch_exactly(tmp_path):
+def test_torchrun_two_cpu_processes_train_as_one_stop_together_and_resume_mid_epoch_exactly(tmp_path):
     source = blobs_csv(tmp_path / "blobs.csv")
     data = train.prepare_data(config(source, tmp_path))  # builds the dataset cache every run below reads
-    # 36 rows per rank, batch 8, 2 micro-batches a step (no_sync): 3 steps an epoch, a save after each
-    args = ["--batch-size", "8", "--grad-accum-steps", "2", "--save-every-steps", "1",
+    # 36 rows per rank, batch 1, 2 micro-batches a step (no_sync): 18 steps an epoch, a save every 4
+    args = ["--batch-size", "1", "--grad-accum-steps", "2", "--save-every-steps", "4",
             "--datasets-dir", str(tmp_path / "datasets")]
     whole = tmp_path / "whole"
-    result = torchrun(tmp_path, *flags(whole, source, *args), record=whole)
+    result = torchrun(tmp_path, *flags(whole, source, *args, epochs=12), record=whole)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert output.count("epoch   1/20") == 1 and "effective batch 32" in output  # rank 0 alone logs
+    assert output.count("epoch   1/12") == 1 and "effective batch 4" in output  # rank 0 alone logs
     written = sorted(str(p.relative_to(whole)) for d in ("checkpoints", "training-loop") for p in (whole / d).iterdir())
     assert written == ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/confusion_matrix.png",
                        "training-loop/history.json", "training-loop/loss_curve.png", "training-loop/test_report.json"]
@@ -1176,16 +1181,17 @@ def test_torchrun_two_cpu_processes_train_as_one_and_resume_mid_epoch_exactly(tm
     assert report["accuracy"] >= 0.9
     final = rank_weights(whole)
 
-    # kill -9 in epoch 11, then resume: every rank reads rank 0's last.pt and goes on at the next step.
-    killed = tmp_path / "killed"
-    result = torchrun(tmp_path, *flags(killed, source, *args), kill_at="11,2")
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert (mid_epoch_position(killed)["epoch"], mid_epoch_position(killed)["steps"]) == (11, 1)
-    result = torchrun(tmp_path, *flags(killed, source, *args, "--resume"), record=killed)
+    # SIGTERM to rank 1 alone at step 4 of epoch 7: the ranks agree at their next check, both save
+    # that step and stop; a resume (every rank reads rank 0's last.pt) goes on at the next step.
+    stopped = tmp_path / "stopped"
+    result = torchrun(tmp_path, *flags(stopped, source, *args, epochs=12), signal_at="7,4,SIGTERM,1")
+    assert result.returncode != 0 and "stopped by SIGTERM" in result.stderr, result.stdout + result.stderr
+    assert "holds epoch 7, step 10 of 18. Resume with: torchrun --nproc_per_node=2" in result.stderr
+    result = torchrun(tmp_path, *flags(stopped, source, *args, "--resume", epochs=12), record=stopped)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "at epoch 11, step 1 of 3" in result.stderr
-    assert_same_run(whole, killed)
-    assert all(torch.equal(final[k], rank_weights(killed)[k]) for k in final)
+    assert "at epoch 7, step 10 of 18" in result.stderr
+    assert_same_run(whole, stopped)
+    assert all(torch.equal(final[k], rank_weights(stopped)[k]) for k in final)
 
 
 def test_epoch_shards_follow_distributed_sampler():

@@ -24,7 +24,7 @@ EDITS = {
         ("        return self.net(x)\n", "        return self.net(x).softmax(dim=-1)\n")],
     "scheduler stepped once an epoch, not once a step": [
         ("        if scheduler is not None:\n            scheduler.step()", "        pass"),
-        ("            if stop[\"cut\"]:\n", "            run.scheduler.step()\n            if stop[\"cut\"]:\n")],
+        ("            if train_loss is None:\n", "            run.scheduler.step()\n            if train_loss is None:\n")],
     "training loss accumulated without detach()": [
         ("loss_sum += loss.detach().float() * len(yb)", "loss_sum = loss_sum + loss.float() * len(yb)")],
     "shuffling turned off": [
@@ -77,6 +77,14 @@ EDITS = {
         ("scaler.scale(loss / accum_steps).backward()", "scaler.scale(loss).backward()")],
     "checkpoint without normalization statistics": [
         ('"mean": data["mean"], "std": data["std"],', "")],
+    "a stop drops the unfinished epoch instead of saving its step": [
+        ("    if stopping or (every and steps % every == 0):", "    if every and steps % every == 0:")],
+    "a mid-epoch resume replays the epoch from its first batch": [
+        ('start = tally["rows"] if tally else 0', "start = 0")],
+    "a mid-epoch resume forgets the epoch's partial loss": [
+        ('run.tally = {"loss_sum": position["loss_sum"][run.rank],', 'run.tally = {"loss_sum": torch.zeros(()),')],
+    "random streams not restored on resume": [
+        ("            restore_rng_states(checkpoint[\"rng\"][run.rank])\n", "            pass\n")],
     "hub offline mode not set": [
         ('        os.environ["HF_HUB_OFFLINE"] = "1"\n', "        pass\n")],
 }
