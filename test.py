@@ -157,13 +157,15 @@ def iris_run(tmp_path_factory):
 def test_a_run_writes_every_file_and_learns(blobs_run):
     root, _, summary = blobs_run
     for path in ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/history.json",
-                 "training-loop/loss_curve.png", "training-loop/confusion_matrix.png", "training-loop/test_report.json"]:
+                 "training-loop/loss_curve.png", "training-loop/confusion_matrix.png", "training-loop/test_report.json",
+                 "training-loop/run_note.md"]:
         assert (root / path).stat().st_size > 0, path
     for png in ("loss_curve.png", "confusion_matrix.png"):
         assert (root / "training-loop" / png).read_bytes()[:4] == b"\x89PNG"
     history = json.loads((root / "training-loop/history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, 21))
-    assert set(history[0]) >= {"epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds"}
+    assert set(history[0]) >= {"epoch", "train_loss", "val_loss", "val_acc", "grad_norm", "grad_norm_max", "clipped",
+                               "lr", "seconds"}
     assert history[-1]["train_loss"] < history[0]["train_loss"] / 2
     report = json.loads((root / "training-loop/test_report.json").read_text())
     assert report["accuracy"] >= 0.9 and report["accuracy"] == summary["test_accuracy"]
@@ -337,7 +339,7 @@ def test_training_loss_is_averaged_over_rows_not_batches(blobs):
     model = model_for(data)
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay put, so every batch sees one model
     torch.manual_seed(1)
-    got = train.train_one_epoch(model, train.iterate_batches(x, y, 20), frozen)
+    got = train.train_one_epoch(model, train.iterate_batches(x, y, 20), frozen)["loss"]
     torch.manual_seed(1)  # the same forward passes, dropout masks included, summed by hand
     with torch.no_grad():
         losses = [(F.cross_entropy(model(xb), yb, reduction="sum").item(), len(yb))
@@ -383,14 +385,22 @@ def test_the_running_loss_does_not_keep_each_steps_graph_alive(blobs):
     assert len(alive) == 9
 
 
-def test_clipping_limits_the_gradients_of_each_step(blobs):
+def test_clipping_limits_the_gradients_of_each_step_and_records_their_norm_before(blobs):
     _, _, data = blobs
     model = model_for(data)
+    torch.manual_seed(1)  # the same dropout masks as the step below
+    F.cross_entropy(model(data["train"][0]), data["train"][1]).backward()
+    norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()  # by hand, before clipping
     before = params(model)
-    train.train_one_epoch(model, iter([data["train"]]), torch.optim.SGD(model.parameters(), lr=1.0), grad_clip=1e-3)
+    torch.manual_seed(1)
+    trained = train.train_one_epoch(model, iter([data["train"]]), torch.optim.SGD(model.parameters(), lr=1.0),
+                                    grad_clip=1e-3)
     update = torch.cat([(a - b).flatten() for a, b in zip(params(model), before)]).norm().item()
     # SGD with lr 1 moves the weights by exactly the clipped gradient: norm 1e-3, whatever it was before.
     assert update == pytest.approx(1e-3, rel=1e-3), "clip after backward(), before the optimizer step"
+    # What the run note reads: the norm before clipping, and that this one step was clipped.
+    assert trained["grad_norm"] == trained["grad_norm_max"] == pytest.approx(norm, rel=1e-4) and norm > 1e-3
+    assert trained["clipped"] == 1.0
 
 
 def test_a_float16_grad_scaler_changes_the_scale_not_the_update(blobs):
@@ -460,7 +470,7 @@ def test_bfloat16_autocast_trains_an_epoch_on_cpu(blobs):
     model.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     loss = train.train_one_epoch(model, train.iterate_batches(*data["train"], 16),
                                  torch.optim.AdamW(model.parameters(), lr=1e-2), amp_dtype=dtype)
-    assert np.isfinite(loss) and set(dtypes) == {torch.bfloat16}
+    assert np.isfinite(loss["loss"]) and set(dtypes) == {torch.bfloat16}
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps float32 master weights
 
@@ -631,6 +641,77 @@ def test_readme_table_documents_every_field():
         pytest.skip("no README.md with a table of TrainingConfig's fields beside test.py")
     assert {name: default for name, default in table} == {
         name: repr(f.default) for name, f in train.TrainingConfig.__dataclass_fields__.items()}
+
+
+# ----------------------------------------------------------------------------- the run note
+
+def test_the_default_iris_runs_note_names_its_best_epoch_and_the_overfitting_onset(iris_run):
+    root, summary, _ = iris_run
+    best, diagnosis = summary["best_epoch"], summary["diagnosis"]
+    assert json.loads((root / "training-loop/test_report.json").read_text())["diagnosis"] == diagnosis
+    assert diagnosis["verdict"] == "overfitting"
+    first = diagnosis["findings"][0]
+    assert (first["pattern"], first["epoch"]) == ("overfitting", best + 1)
+    note = (root / "training-loop/run_note.md").read_text()
+    assert f"Best epoch {best} of 50" in note and f"overfitting from epoch {best + 1}" in note
+    assert "--early-stopping-patience" in note  # each finding's suggestion names the flag to change
+
+
+def shuffled_blobs_csv(path: Path) -> Path:
+    """Blobs whose labels are shuffled: no feature says anything about them."""
+    lines = blobs_csv(path, rows_per_class=200).read_text().splitlines()
+    header, rows = lines[0], [line.split(",", 1) for line in lines[1:]]
+    labels = [label for label, _ in rows]
+    np.random.default_rng(0).shuffle(labels)
+    path.write_text("\n".join([header, *[f"{label},{rest}" for label, (_, rest) in zip(labels, rows)]]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("case, verdicts", [
+    ("3 epochs", {"still_improving"}),
+    ("an absurd learning rate", {"unstable", "not_learning"}),
+    ("shuffled labels", {"not_learning"}),
+])
+def test_the_verdict_reads_the_curves(tmp_path, monkeypatch, case, verdicts):
+    source = shuffled_blobs_csv(tmp_path / "shuffled.csv") if case == "shuffled labels" else \
+        blobs_csv(tmp_path / "blobs.csv")
+    extra = {"3 epochs": ["--epochs", "3"], "an absurd learning rate": ["--learning-rate", "10"]}.get(case, [])
+    marked, plot_history = [], train.plot_history
+    monkeypatch.setattr(train, "plot_history", lambda *args: marked.append(args[4:]) or plot_history(*args))
+    summary = train.main(flags(tmp_path, source, "--grad-clip", "1", *extra))
+    diagnosis = summary["diagnosis"]
+    assert diagnosis["verdict"] in verdicts, diagnosis
+    first = diagnosis["findings"][0]
+    assert first["epoch"] in [h["epoch"] for h in summary["history"]] and first["evidence"] and "--" in first["suggestion"]
+    note = (tmp_path / "training-loop/run_note.md").read_text()
+    assert f"Verdict: {diagnosis['verdict'].replace('_', ' ')}" in note and first["evidence"] in note
+    assert marked == [(first,)]  # loss_curve.png marks where the first finding began
+
+
+def test_the_verdict_is_never_converged_when_the_best_epoch_is_the_last():
+    cfg = train.TrainingConfig(learning_rate=0.01, weight_decay=0.01, grad_clip=1.0)
+    rng = np.random.default_rng(0)
+    for epochs in (1, 2, 3, 5, 10, 50, 200):
+        for shape in ("falling", "flat, a hair lower at the end", "noisy"):
+            val = {"falling": np.linspace(1.0, 0.2, epochs), "flat, a hair lower at the end": np.full(epochs, 0.3),
+                   "noisy": 0.3 + 0.05 * rng.random(epochs)}[shape]
+            val[-1] = val.min() - 1e-6  # the last epoch is the best
+            history = [{"epoch": e + 1, "train_loss": 0.5, "val_loss": v, "grad_norm": 0.3, "grad_norm_max": 0.6,
+                        "clipped": 0.0} for e, v in enumerate(val)]
+            diagnosis = train.diagnose(history, epochs, base_loss=1.1, cfg=cfg)
+            assert diagnosis["verdict"] != "converged", (epochs, shape, diagnosis)
+
+
+def test_every_way_a_run_ends_writes_the_note_and_the_diagnosis(tmp_path):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    note, report = tmp_path / "training-loop/run_note.md", tmp_path / "training-loop/test_report.json"
+    early = train.main(flags(tmp_path, source, "--early-stopping-patience", "1", epochs=40))
+    assert len(early["history"]) < 40 and f"of {len(early['history'])}" in note.read_text()  # early stopping
+    for step in (["--resume", "--early-stopping-patience", "0", "--epochs", "45"], ["--eval-only"]):
+        note.unlink()
+        summary = train.main(flags(tmp_path, source, *step, epochs=45))
+        assert f"Best epoch {summary['best_epoch']} of 45" in note.read_text()
+        assert json.loads(report.read_text())["diagnosis"] == summary["diagnosis"]
 
 
 # ----------------------------------------------------------------------------- faults
@@ -957,8 +1038,8 @@ def test_non_finite_loss_mid_run_keeps_the_previous_best(tmp_path, monkeypatch):
 
     def blows_up_in_epoch_4(*args, **kwargs):
         calls.append(1)
-        loss = real(*args, **kwargs)
-        return float("nan") if len(calls) == 4 else loss
+        trained = real(*args, **kwargs)
+        return {**trained, "loss": float("nan")} if len(calls) == 4 else trained
 
     monkeypatch.setattr(train, "train_one_epoch", blows_up_in_epoch_4)
     source = blobs_csv(tmp_path / "blobs.csv")
@@ -1166,7 +1247,8 @@ def test_torchrun_two_cpu_processes_train_as_one_stop_together_and_resume_mid_ep
     assert output.count("epoch   1/12") == 1 and "effective batch 4" in output  # rank 0 alone logs
     written = sorted(str(p.relative_to(whole)) for d in ("checkpoints", "training-loop") for p in (whole / d).iterdir())
     assert written == ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/confusion_matrix.png",
-                       "training-loop/history.json", "training-loop/loss_curve.png", "training-loop/test_report.json"]
+                       "training-loop/history.json", "training-loop/loss_curve.png", "training-loop/run_note.md",
+                       "training-loop/test_report.json"]
     best = torch.load(whole / "checkpoints/best_model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in best["model"])  # loads in a single process
     # What the ranks logged together equals a single-process evaluation of the saved model.
@@ -1391,6 +1473,7 @@ def test_eval_only_rewrites_the_report_and_plots_without_training(tmp_path):
     (tmp_path / "training-loop/confusion_matrix.png").unlink()
     summary = train.main(flags(tmp_path, source, "--eval-only", epochs=3))
     assert json.loads(report_path.read_text()) == before == {k: summary["report"][k] for k in before}
+    assert before["diagnosis"]["verdict"] == "still_improving"  # read from history.json: 3 epochs, best the last
     assert (tmp_path / "training-loop/confusion_matrix.png").exists()
     assert all(p.read_bytes() == content for p, content in checkpoints.items())  # nothing trained
     assert (tmp_path / "training-loop/history.json").read_bytes() == history

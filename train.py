@@ -849,21 +849,25 @@ def with_last(items):
 
 def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None, amp_dtype=None,
                     grad_clip: float = 0.0, loss_fn=F.cross_entropy, accum_steps: int = 1,
-                    tally: dict | None = None, after_step=None) -> float | None:
-    """One pass over `batches`; returns the training loss averaged over rows (and ranks), not batches.
+                    tally: dict | None = None, after_step=None) -> dict | None:
+    """One pass over `batches`. Returns {"loss": the training loss averaged over rows (and ranks),
+    not batches}; with clipping on, also "grad_norm" and "grad_norm_max", the gradient norm before
+    clipping (mean and max over the steps), and "clipped", the share of steps that clipping cut.
 
     With accum_steps > 1 the optimizer steps once every accum_steps micro-batches (and at the end);
     under DDP, only that last micro-batch's backward all-reduces gradients.
 
-    The epoch so far is a tally: {"loss_sum", "rows", "steps"}. A resumed epoch passes in the one
-    it saved, with `batches` starting where it stopped. `after_step(tally)` runs after every
-    optimizer step but the epoch's last, where nothing is half accumulated; if it returns True,
-    the epoch stops there and this returns None."""
+    The epoch so far is a tally: {"loss_sum", "rows", "steps", "norms"} (a gradient norm a step).
+    A resumed epoch passes in the one it saved, with `batches` starting where it stopped.
+    `after_step(tally)` runs after every optimizer step but the epoch's last, where nothing is
+    half accumulated; if it returns True, the epoch stops there and this returns None."""
     model.train()
     device = next(model.parameters()).device
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    tally = tally or {"loss_sum": torch.zeros(()), "rows": 0, "steps": 0}
-    loss_sum = tally["loss_sum"].to(device, copy=True)  # stays on the device: no host sync per step
+    tally = tally or {"loss_sum": torch.zeros(()), "rows": 0, "steps": 0, "norms": torch.zeros(0)}
+    # Both stay on the device, so no step waits for the host; norms has a slot a step, grown by doubling.
+    loss_sum = tally["loss_sum"].to(device, copy=True)
+    norms = torch.cat([tally["norms"].to(device), torch.zeros(1024, device=device)])
     rows, steps = tally["rows"], tally["steps"]
     for i, ((xb, yb), last) in enumerate(with_last(batches)):
         if i % accum_steps == 0:
@@ -877,18 +881,32 @@ def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None, amp_
         rows += len(yb)
         if not step_now:
             continue
+        if steps == len(norms):
+            norms = torch.cat([norms, torch.zeros_like(norms)])
         if grad_clip > 0:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            # The norm before clipping, for the run note: free, as clipping computes it anyway.
+            norms[steps] = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(optimizer)
         scaler.update()
         if scheduler is not None:
             scheduler.step()  # once per optimizer step: the schedule is laid out in steps, not epochs
         steps += 1
-        if not last and after_step is not None and after_step({"loss_sum": loss_sum, "rows": rows, "steps": steps}):
+        if not last and after_step is not None and after_step({"loss_sum": loss_sum, "rows": rows, "steps": steps,
+                                                               "norms": norms[:steps]}):
             return None
     loss_sum, rows = all_reduce(torch.stack([loss_sum, torch.tensor(float(rows), device=device)])).tolist()
-    return loss_sum / max(rows, 1)
+    return {"loss": loss_sum / max(rows, 1), **norm_summary(norms[:steps], grad_clip)}
+
+
+def norm_summary(norms: torch.Tensor, grad_clip: float) -> dict:
+    """An epoch's gradient norms, one a step, as mean, max and the share clipped; nothing without
+    clipping. Non-finite ones are left out: float16 steps that overflowed, which the scaler skips."""
+    norms = norms[torch.isfinite(norms)]
+    if grad_clip <= 0 or not len(norms):
+        return {}
+    mean, peak, clipped = torch.stack([norms.mean(), norms.max(), (norms > grad_clip).float().mean()]).tolist()
+    return {"grad_norm": mean, "grad_norm_max": peak, "clipped": clipped}
 
 
 def batch_sums(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
@@ -1145,6 +1163,144 @@ def log_report(report: dict, outputs: torch.Tensor, y: torch.Tensor, rows: np.nd
         log.info("  [%s] -> %s, true %s", raw_row(data, rows[pick]), said[i], truths[pick])
 
 
+def diagnosis_limits(epochs: int) -> dict:
+    """Every threshold the run note uses, in one place, each with the reason it sits where it does."""
+    return {
+        # A trend, not one noisy epoch: a stretch of a tenth of the run, and at least 3 epochs.
+        "stretch": max(3, round(epochs / 10)),
+        # A best epoch in the last tenth of the run (at least the last epoch): it ended still improving.
+        "near_end": max(1, round(epochs / 10)),
+        # Validation loss over the last stretch at least 3% above its best is a rise; less is the noise of
+        # a minimum picked among noisy epochs (Iris's 22 validation rows jitter by about that much).
+        "rise": 0.03,
+        # A held-out loss within 5% of predicting the training base rates (the class frequencies, or
+        # the mean for regression) has learnt nothing that carries over to new rows.
+        "chance": 0.95,
+        # Training loss is averaged over every row of an epoch and barely jitters: an epoch 25% above
+        # the best so far, giving back half the progress made since epoch 1, is a spike.
+        "spike_rise": 0.25, "spike_share": 0.5,
+        # On healthy runs here the largest step's gradient norm reaches 2-10x the median epoch mean
+        # (10x: digits, 78 steps an epoch); 20x is an explosion. Epoch 1, from random weights, is left out.
+        "norm_ratio": 20.0,
+        # Clipping is a guard rail: when it cuts most steps, the clip, not the learning rate, sets the step.
+        "clipped": 0.5,
+    }
+
+
+def base_rate_loss(data: dict) -> float:
+    """The validation loss of a model that learnt only the training base rates: the class
+    frequencies (cross-entropy), or the training mean (MSE of the standardized target)."""
+    y_train, y_val = data["train"][1].cpu(), data["val"][1].cpu()
+    if data["task"] == "regression":
+        return y_val.float().square().mean().item()  # the training mean is 0 once standardized
+    rates = torch.bincount(y_train, minlength=len(data["classes"])).float() / len(y_train)
+    return -rates.clamp_min(1e-12).log()[y_val].mean().item()
+
+
+def diagnose(history: list[dict], best_epoch: int, base_loss: float, cfg: TrainingConfig) -> dict:
+    """What the curves say: {"verdict", "findings"}. Each finding has its pattern, the epoch it began,
+    its evidence in numbers and a suggestion naming the flag to change, the first seen first. The
+    verdict is the most serious pattern found (not_learning, unstable, overfitting, still_improving),
+    or converged when none is."""
+    if not history or best_epoch not in [h["epoch"] for h in history]:
+        return {"verdict": None, "findings": []}  # nothing recorded to read (say, --eval-only without a history)
+    limits, findings = diagnosis_limits(len(history)), []
+    epochs = [h["epoch"] for h in history]
+    train, val = np.array([h["train_loss"] for h in history]), np.array([h["val_loss"] for h in history])
+    b, last, stretch = epochs.index(best_epoch), len(history) - 1, limits["stretch"]
+
+    def found(pattern: str, i: int, evidence: str, suggestion: str) -> None:
+        findings.append({"pattern": pattern, "epoch": epochs[i], "evidence": evidence, "suggestion": suggestion})
+
+    if val[b] >= limits["chance"] * base_loss:
+        found("not_learning", 0, f"the best validation loss, {val[b]:.4g}, is within "
+              f"{1 - limits['chance']:.0%} of the {base_loss:.4g} that predicting the training base rates scores" + (", and training loss stayed flat" if
+                                                          train.min() >= limits["chance"] * train[0] else ""),
+              f"check --label-column and --feature-columns; if they are right, try --learning-rate "
+              f"{cfg.learning_rate / 10:g}")
+    for i in range(1, len(history)):
+        low = train[:i].min()
+        if train[i] > low * (1 + limits["spike_rise"]) and train[i] - low > limits["spike_share"] * (train[0] - low):
+            found("unstable", i, f"training loss jumped to {train[i]:.4g}, from {low:.4g} before",
+                  f"lower --learning-rate ({cfg.learning_rate:g} -> {cfg.learning_rate / 10:g})")
+            break
+    if len(history) > 1 and all("grad_norm" in h for h in history):  # histories from before it was recorded lack it
+        for i in range(1, len(history)):
+            typical = float(np.median([h["grad_norm"] for h in history[1:i + 1]]))
+            if history[i]["grad_norm_max"] > limits["norm_ratio"] * typical:
+                found("unstable", i, f"a gradient norm of {history[i]['grad_norm_max']:.3g}, "
+                      f"{history[i]['grad_norm_max'] / typical:.0f}x the median epoch mean ({typical:.3g})",
+                      f"lower --learning-rate ({cfg.learning_rate:g} -> {cfg.learning_rate / 10:g}), "
+                      f"or clip harder: --grad-clip {max(typical, 1e-3):.2g}")
+                break
+        clipped = [h["clipped"] for h in history]
+        if np.mean(clipped) > limits["clipped"]:
+            found("unstable", next(i for i, c in enumerate(clipped) if c > limits["clipped"]),
+                  f"{np.mean(clipped):.0%} of steps were clipped at --grad-clip {cfg.grad_clip:g}",
+                  f"lower --learning-rate ({cfg.learning_rate:g} -> {cfg.learning_rate / 10:g})")
+    if last - b >= stretch:
+        rise, before, after = val[-stretch:].mean() / val[b] - 1, train[max(0, b - stretch + 1):b + 1].mean(), \
+            train[-stretch:].mean()
+        if rise >= limits["rise"] and after < before:
+            found("overfitting", b + 1, f"validation loss bottomed at {val[b]:.4g} in epoch {best_epoch}, and its "
+                  f"last {stretch} epochs average {rise:+.0%} above that while training loss went on falling "
+                  f"({before:.4g} -> {after:.4g})",
+                  f"stop sooner: --early-stopping-patience {stretch} (or --epochs {best_epoch + stretch}); "
+                  f"or regularize: --weight-decay {max(10 * cfg.weight_decay, 0.01):g}")
+    if last - b < limits["near_end"]:
+        found("still_improving", b, f"the best validation loss came at epoch {best_epoch} of {epochs[-1]}",
+              f"train longer: --epochs {2 * epochs[-1]}, or a higher --learning-rate ({cfg.learning_rate:g} -> "
+              f"{cfg.learning_rate * 3:g})")
+    verdict = next((p for p in ("not_learning", "unstable", "overfitting", "still_improving")
+                    if any(f["pattern"] == p for f in findings)), "converged")
+    return {"verdict": verdict, "findings": sorted(findings, key=lambda f: f["epoch"])}
+
+
+def run_note(diagnosis: dict, history: list[dict], best_epoch: int, result: dict, cfg: TrainingConfig,
+             title: str) -> str:
+    """The run in words (training-loop/run_note.md): the best and the last epoch and why they differ,
+    what the curves imply, whether the run was stable, the first finding and what to change."""
+    verdict, findings = diagnosis["verdict"], diagnosis["findings"]
+    if verdict is None:
+        return f"# Run note: {title}\n\nNo training history to read: the curves were not recorded.\n"
+    best, start, end = next(h for h in history if h["epoch"] == best_epoch), history[0], history[-1]
+    score = f"test accuracy {result['accuracy']:.4f}" if "accuracy" in result else f"test R² {result['r2']:.4f}"
+    implied = {
+        "converged": f"validation loss settled within {diagnosis_limits(len(history))['rise']:.0%} of its best: "
+                     "more epochs would not help",
+        "overfitting": f"after epoch {best_epoch} the model fit the training rows better and new rows worse",
+        "still_improving": "validation loss was still falling when training ended: more epochs would likely help",
+        "not_learning": "the model did no better on held-out rows than predicting the base rates",
+        "unstable": "the loss or the gradients jumped, so the curves are not steady enough to trust",
+    }[verdict]
+    if best_epoch == end["epoch"]:
+        differ = "best_model.pt and last.pt hold the same epoch, the last"
+    else:
+        differ = (f"best_model.pt holds epoch {best_epoch}, last.pt epoch {end['epoch']} (where training ended, for "
+                  f"--resume). They differ because the best is chosen by validation loss alone, and no epoch after "
+                  f"{best_epoch} went below its {best['val_loss']:.4g}")
+    lines = [f"# Run note: {title}", "",
+             f"**Verdict: {verdict.replace('_', ' ')}.** Best epoch {best_epoch} of {end['epoch']}; {score}.", "",
+             f"- Best and last: {differ}.",
+             f"- The curves: training loss {start['train_loss']:.4g} -> {end['train_loss']:.4g}; validation loss "
+             f"{start['val_loss']:.4g} -> {best['val_loss']:.4g} (epoch {best_epoch}) -> {end['val_loss']:.4g} "
+             f"(epoch {end['epoch']}). So {implied}."]
+    unstable = [f["evidence"] for f in findings if f["pattern"] == "unstable"]
+    norms = [h for h in history if "grad_norm" in h]  # recorded only while clipping is on
+    peak = max(norms, key=lambda h: h["grad_norm_max"]) if norms else None
+    lines.append(f"- Stability: {'not stable: ' + '; '.join(unstable) if unstable else 'stable'}. " + (
+        f"Gradient norm before clipping: mean {np.mean([h['grad_norm'] for h in norms]):.3g}, largest "
+        f"{peak['grad_norm_max']:.3g} (epoch {peak['epoch']}); {np.mean([h['clipped'] for h in norms]):.1%} of "
+        f"steps clipped at --grad-clip {cfg.grad_clip:g}." if norms else
+        "Gradient norms were not recorded: they come free with clipping, and --grad-clip is 0."))
+    first = findings[0] if findings else None
+    lines.append(f"- First finding: {first['pattern'].replace('_', ' ')} from epoch {first['epoch']}: "
+                 f"{first['evidence']}." if first else "- First finding: none; nothing to change.")
+    if findings:
+        lines += ["", "## What to change", *[f"- {f['pattern'].replace('_', ' ')}: {f['suggestion']}." for f in findings]]
+    return "\n".join(lines) + "\n"
+
+
 def figure(title: str, width: float, height: float, panels: int = 1, layout: str | None = "constrained"):
     from matplotlib.figure import Figure  # imported here: only plotting pays for it; no GUI backend
 
@@ -1153,12 +1309,13 @@ def figure(title: str, width: float, height: float, panels: int = 1, layout: str
     return fig, fig.subplots(1, panels)
 
 
-def plot_history(history: list[dict], best_epoch: int, title: str, path: Path) -> None:
-    """Loss curves, the validation metric and the learning rate, best epoch marked."""
+def plot_history(history: list[dict], best_epoch: int, title: str, path: Path, finding: dict | None = None) -> None:
+    """Loss curves, the validation metric, the learning rate and the gradient norm; the best epoch
+    marked, and the epoch where the run note's first finding began."""
     epochs = [h["epoch"] for h in history]
     metric = "val_acc" if "val_acc" in history[0] else "val_r2"
-    fig, (loss_ax, metric_ax, lr_ax) = figure(title, 14, 4.3, panels=3, layout=None)
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.12, top=0.84, wspace=0.2)  # fixed: layout engines cost 0.1 s
+    fig, (loss_ax, metric_ax, lr_ax, norm_ax) = figure(title, 18, 4.3, panels=4, layout=None)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.12, top=0.84, wspace=0.22)  # fixed: layout engines cost 0.1 s
     loss_ax.plot(epochs, [h["train_loss"] for h in history], label="train")
     loss_ax.plot(epochs, [h["val_loss"] for h in history], label="validation")
     loss_ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy" if metric == "val_acc" else "MSE (standardized)")
@@ -1167,8 +1324,16 @@ def plot_history(history: list[dict], best_epoch: int, title: str, path: Path) -
                   ylim=(0, 1.02) if metric == "val_acc" else None)
     lr_ax.plot(epochs, [h["lr"] for h in history], color="tab:purple")
     lr_ax.set(title="Learning rate (end of epoch)", xlabel="epoch")
-    for ax in (loss_ax, metric_ax, lr_ax):
+    if "grad_norm" in history[-1]:  # histories from before it was recorded lack it
+        norm_ax.plot(epochs, [h.get("grad_norm") for h in history], color="tab:brown", label="mean")
+        norm_ax.plot(epochs, [h.get("grad_norm_max") for h in history], color="tab:brown", alpha=0.4, label="max")
+        norm_ax.legend(fontsize=8)
+    norm_ax.set(title="Gradient norm before clipping", xlabel="epoch", yscale="log")
+    for ax in (loss_ax, metric_ax, lr_ax, norm_ax):
         ax.axvline(best_epoch, color="gray", linestyle="--", label=f"best epoch ({best_epoch})")
+        if finding:
+            ax.axvline(finding["epoch"], color="tab:red", linestyle=":",
+                       label=f"{finding['pattern'].replace('_', ' ')} from {finding['epoch']}")
         ax.grid(alpha=0.3)
     loss_ax.legend()
     save_file(path, lambda f: fig.savefig(f, format="png"))
@@ -1348,14 +1513,14 @@ def fit(run: Run, argv: list[str] | None = None) -> None:
                 break
             started = time.perf_counter()
             tally, run.tally = run.tally, None  # only the first epoch of a mid-epoch resume has one
-            train_loss = train_one_epoch(run.train_model, training_batches(run, epoch, tally, view), run.optimizer,
-                                         run.scheduler, run.scaler, run.amp_dtype, cfg.grad_clip, loss_fn,
-                                         cfg.grad_accum_steps, tally, partial(step_done, run, epoch, stop))
-            if train_loss is None:
+            trained = train_one_epoch(run.train_model, training_batches(run, epoch, tally, view), run.optimizer,
+                                      run.scheduler, run.scaler, run.amp_dtype, cfg.grad_clip, loss_fn,
+                                      cfg.grad_accum_steps, tally, partial(step_done, run, epoch, stop))
+            if trained is None:
                 break  # stopped mid-epoch, and last.pt holds that step
             val = evaluate(run.eval_model, epoch_batches(run.val_split, cfg, run.device, None, run.rank, run.world),
                            run.amp_dtype, run.data["task"], run.data["target_std"])
-            record_epoch(run, epoch, train_loss, val, time.perf_counter() - started)
+            record_epoch(run, epoch, trained, val, time.perf_counter() - started)
             show_epoch(run, view)
             if stop_agreed(stop, run.world):
                 break
@@ -1376,7 +1541,7 @@ def step_done(run: Run, epoch: int, stop: dict, tally: dict) -> bool:
     if stopping or (every and steps % every == 0):
         # each rank's own loss sum: gathering them keeps the epoch's final all_reduce, and so its loss, exact
         save_last(run, {"epoch": epoch, "steps": steps, "rows": tally["rows"],
-                        "loss_sum": every_rank(tally["loss_sum"].cpu())})
+                        "loss_sum": every_rank(tally["loss_sum"].cpu()), "norms": tally["norms"].cpu()})
     if stopping:
         stop["at"] = where(run, epoch, steps)
     return stopping
@@ -1388,7 +1553,8 @@ def where(run: Run, epoch: int, steps: int) -> str:
 
 def save_last(run: Run, position: dict | None = None) -> None:
     """last.pt: everything --resume needs to go on exactly. `position` is None at an epoch's end;
-    mid-epoch it says where: the epoch, its steps and rows (per rank) so far, each rank's loss sum."""
+    mid-epoch it says where: the epoch, its steps and rows (per rank) so far, each rank's loss sum,
+    the steps' gradient norms (the same on every rank)."""
     progress = run.progress
     save_checkpoint(run.last_path, {**model_state(run.model, run.data, run.cfg, progress["epoch"]),
                                     "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
@@ -1397,12 +1563,13 @@ def save_last(run: Run, position: dict | None = None) -> None:
                                     "progress": {**progress, "history": json.dumps(progress["history"])}})
 
 
-def record_epoch(run: Run, epoch: int, train_loss: float, val: dict, seconds: float) -> None:
+def record_epoch(run: Run, epoch: int, trained: dict, val: dict, seconds: float) -> None:
     """The epoch's line in the history; best_model.pt if it has the lowest val loss so far; last.pt."""
     progress, history = run.progress, run.progress["history"]
-    check_finite(epoch, {"training": train_loss, "validation": val["loss"]}, run.best_path, progress["best_epoch"])
-    history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+    check_finite(epoch, {"training": trained["loss"], "validation": val["loss"]}, run.best_path, progress["best_epoch"])
+    history.append({"epoch": epoch, "train_loss": trained["loss"], "val_loss": val["loss"],
                     **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+                    **{k: v for k, v in trained.items() if k != "loss"},
                     "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds})
     progress["epoch"] = epoch
     if val["loss"] < progress["best_loss"]:  # selection by held-out loss, never by the last epoch
@@ -1485,7 +1652,7 @@ def resume(run: Run, checkpoint: dict | None) -> dict | None:
         position = checkpoint.get("position")
         if position is not None and len(position["loss_sum"]) == run.world:
             run.tally = {"loss_sum": position["loss_sum"][run.rank], "rows": position["rows"],
-                         "steps": position["steps"]}
+                         "steps": position["steps"], "norms": position["norms"]}
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         fail(f"{path} cannot be resumed from (incomplete, or saved with other settings): {first_line(e)}")
     if run.tally is not None:
@@ -1536,13 +1703,18 @@ def report(run: Run, outputs: torch.Tensor, rows: torch.Tensor) -> dict:
     """test_report.json, the plots and the log's summary; returns what main() returns."""
     cfg, data, progress = run.cfg, run.data, run.progress
     y_test = data["test"][1][rows]
-    result = {**test_report(outputs, y_test, data, cfg.label_column), "best_epoch": progress["best_epoch"]}
+    result = {**test_report(outputs, y_test, data, cfg.label_column), "best_epoch": progress["best_epoch"],
+              "diagnosis": diagnose(progress["history"], progress["best_epoch"], base_rate_loss(data), cfg)}
+    diagnosis = result["diagnosis"]
+    note = run_note(diagnosis, progress["history"], progress["best_epoch"], result, cfg, run_title(run))
     write_json(run.out / "test_report.json", result)
+    save_file(run.out / "run_note.md", lambda f: f.write(note.encode()))
     title = run_title(run)
     figure_path = run.out / ("confusion_matrix.png" if data["task"] == "classification" else "predictions.png")
     if run.rank == 0:
         if progress["history"]:
-            plot_history(progress["history"], progress["best_epoch"], title, run.out / "loss_curve.png")
+            plot_history(progress["history"], progress["best_epoch"], title, run.out / "loss_curve.png",
+                         (diagnosis["findings"] or [None])[0])
         if data["task"] == "classification":
             plot_confusion_matrix(result, title, figure_path)
         else:  # under DDP, the points are rank 0's share of the test rows
@@ -1550,12 +1722,16 @@ def report(run: Run, outputs: torch.Tensor, rows: torch.Tensor) -> dict:
             plot_predictions(unscale(y_test), unscale(outputs), result, title, figure_path)
     log_report(result, outputs, y_test, data["splits"]["test"][rows.numpy()], data)
     written = [run.best_path, run.last_path, run.out / "history.json", run.out / "loss_curve.png", figure_path,
-               run.out / "test_report.json"]
+               run.out / "test_report.json", run.out / "run_note.md"]
     headline = f"test accuracy {result['accuracy']:.4f}" if "accuracy" in result else f"test r2 {result['r2']:.4f}"
     log.info("best epoch %d (val loss %.4f); %s", progress["best_epoch"], progress["best_loss"], headline)
     log.info("wrote %s", ", ".join(str(p) for p in written if p.exists()))
+    for line in note.split("\n## ")[0].splitlines()[2:]:  # the note, up to its suggestions
+        if line:
+            log.info("%s", line.replace("**", ""))
     return {"best_epoch": progress["best_epoch"], "best_val_loss": progress["best_loss"], "report": result,
-            "test_accuracy": result.get("accuracy"), "history": progress["history"], "files": written}
+            "diagnosis": diagnosis, "test_accuracy": result.get("accuracy"), "history": progress["history"],
+            "files": written}
 
 
 # ============================================================================= machinery
