@@ -1119,6 +1119,24 @@ def test_many_classes_keep_the_log_and_plots_small(tmp_path, caplog):
     assert (tmp_path / "training-loop/confusion_matrix.png").stat().st_size < 2_000_000
 
 
+def from_a_terminal() -> None:
+    """A child's signals as a terminal gives them: this suite may itself run as a background job,
+    whose children inherit SIGINT ignored (and would then rightly keep ignoring it)."""
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
+def test_a_signal_ignored_at_start_stays_ignored(tmp_path, monkeypatch):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    signal_during_epoch(monkeypatch, epoch=2, signum=signal.SIGHUP)
+    handler = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup python train.py` starts
+    try:
+        summary = train.main(flags(tmp_path, source, epochs=3))
+    finally:
+        signal.signal(signal.SIGHUP, handler)
+    assert len(summary["history"]) == 3  # not stopped
+
+
 @pytest.mark.parametrize("signum, status, when", [
     (signal.SIGTERM, 143, "epoch   2/30"),  # in the epoch loop: finishes the step, saves, says how to resume
     (signal.SIGINT, 130, "classes:"),  # outside it (data preparation): one line, no traceback
@@ -1129,14 +1147,14 @@ def test_a_stop_from_outside_is_one_line_and_its_exit_status(tmp_path, signum, s
     train.prepare_data(config(source, tmp_path))  # a warm cache: the run reaches its loop sooner
     run = subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags(tmp_path, source, "--batch-size", "2",
                                                                            epochs=30)],
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, preexec_fn=from_a_terminal)
     lines = []
     for line in run.stderr:
         lines.append(line)
         if when in line:
             run.send_signal(signum)
-    assert run.wait(timeout=120) == status
     log = "".join(lines)
+    assert run.wait(timeout=120) == status, log
     assert "Traceback" not in log and f"stopped by {signal.Signals(signum).name}" in log
     if signum == signal.SIGTERM:
         assert "--resume" in log and 2 <= torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["epoch"] < 30

@@ -1212,17 +1212,18 @@ def diagnose(history: list[dict], best_epoch: int, base_loss: float, cfg: Traini
     def found(pattern: str, i: int, evidence: str, suggestion: str) -> None:
         findings.append({"pattern": pattern, "epoch": epochs[i], "evidence": evidence, "suggestion": suggestion})
 
+    lr = cfg.learning_rate
+    lower_lr = f"lower --learning-rate ({lr:g} -> {lr / 10:g})"
     if val[b] >= limits["chance"] * base_loss:
-        found("not_learning", 0, f"the best validation loss, {val[b]:.4g}, is within "
-              f"{1 - limits['chance']:.0%} of the {base_loss:.4g} that predicting the training base rates scores" + (", and training loss stayed flat" if
-                                                          train.min() >= limits["chance"] * train[0] else ""),
-              f"check --label-column and --feature-columns; if they are right, try --learning-rate "
-              f"{cfg.learning_rate / 10:g}")
+        flat = ", and training loss stayed flat" if train.min() >= limits["chance"] * train[0] else ""
+        found("not_learning", 0, f"the best validation loss, {val[b]:.4g}, is within {1 - limits['chance']:.0%} of "
+              f"the {base_loss:.4g} that predicting the training base rates scores{flat}",
+              f"check --label-column and --feature-columns; if they are right, try --learning-rate {lr / 10:g} "
+              f"and {lr * 10:g}")
     for i in range(1, len(history)):
         low = train[:i].min()
         if train[i] > low * (1 + limits["spike_rise"]) and train[i] - low > limits["spike_share"] * (train[0] - low):
-            found("unstable", i, f"training loss jumped to {train[i]:.4g}, from {low:.4g} before",
-                  f"lower --learning-rate ({cfg.learning_rate:g} -> {cfg.learning_rate / 10:g})")
+            found("unstable", i, f"training loss jumped to {train[i]:.4g}, from {low:.4g} before", lower_lr)
             break
     if len(history) > 1 and all("grad_norm" in h for h in history):  # histories from before it was recorded lack it
         for i in range(1, len(history)):
@@ -1230,14 +1231,14 @@ def diagnose(history: list[dict], best_epoch: int, base_loss: float, cfg: Traini
             if history[i]["grad_norm_max"] > limits["norm_ratio"] * typical:
                 found("unstable", i, f"a gradient norm of {history[i]['grad_norm_max']:.3g}, "
                       f"{history[i]['grad_norm_max'] / typical:.0f}x the median epoch mean ({typical:.3g})",
-                      f"lower --learning-rate ({cfg.learning_rate:g} -> {cfg.learning_rate / 10:g}), "
-                      f"or clip harder: --grad-clip {max(typical, 1e-3):.2g}")
+                      f"{lower_lr}, or clip harder: --grad-clip {max(typical, 1e-3):.2g}")
                 break
         clipped = [h["clipped"] for h in history]
         if np.mean(clipped) > limits["clipped"]:
             found("unstable", next(i for i, c in enumerate(clipped) if c > limits["clipped"]),
                   f"{np.mean(clipped):.0%} of steps were clipped at --grad-clip {cfg.grad_clip:g}",
-                  f"lower --learning-rate ({cfg.learning_rate:g} -> {cfg.learning_rate / 10:g})")
+                  f"raise --grad-clip ({cfg.grad_clip:g} -> {3 * cfg.grad_clip:g}) so that it catches only "
+                  f"outliers, or {lower_lr}")
     if last - b >= stretch:
         rise, before, after = val[-stretch:].mean() / val[b] - 1, train[max(0, b - stretch + 1):b + 1].mean(), \
             train[-stretch:].mean()
@@ -1249,8 +1250,7 @@ def diagnose(history: list[dict], best_epoch: int, base_loss: float, cfg: Traini
                   f"or regularize: --weight-decay {max(10 * cfg.weight_decay, 0.01):g}")
     if last - b < limits["near_end"]:
         found("still_improving", b, f"the best validation loss came at epoch {best_epoch} of {epochs[-1]}",
-              f"train longer: --epochs {2 * epochs[-1]}, or a higher --learning-rate ({cfg.learning_rate:g} -> "
-              f"{cfg.learning_rate * 3:g})")
+              f"train longer: --epochs {2 * epochs[-1]}, or a higher --learning-rate ({lr:g} -> {lr * 3:g})")
     verdict = next((p for p in ("not_learning", "unstable", "overfitting", "still_improving")
                     if any(f["pattern"] == p for f in findings)), "converged")
     return {"verdict": verdict, "findings": sorted(findings, key=lambda f: f["epoch"])}
@@ -1804,7 +1804,8 @@ def barrier() -> None:
 def stop_on_signals():
     """SIGINT (Ctrl-C), SIGTERM (schedulers, spot reclaim) and SIGHUP (a closed terminal) ask the
     loop to stop after the current optimizer step, and save it (see step_done). A second signal
-    stops at once; the atomic writes keep every file whole."""
+    stops at once; the atomic writes keep every file whole. A signal the run was started with
+    ignored (nohup ignores SIGHUP, a shell's background job SIGINT) stays ignored."""
     stop = {"signal": None}
 
     def request_stop(signum, frame):
@@ -1816,7 +1817,8 @@ def stop_on_signals():
                     signal.Signals(signum).name)
 
     try:
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                    if signal.getsignal(s) is not signal.SIG_IGN}
     except ValueError:  # not the main thread: leave signals to whoever owns them
         previous = {}
     try:
@@ -1855,6 +1857,7 @@ def exit_resumable(run: Run, stop: dict, argv: list[str]) -> None:
     again = shlex.join([*launcher, "train.py", *[a for a in argv if a != "--resume"], "--resume"])
     signum, at = stop["signal"], stop.get("at") or f"the end of epoch {run.progress['epoch']}"
     log.warning("stopped by %s: %s holds %s. Resume with: %s", signal.Signals(signum).name, run.last_path, at, again)
+    barrier()  # under torchrun a rank that exits first gets the others killed: rank 0 must have said all this
     raise SystemExit(128 + signum)
 
 
@@ -1971,7 +1974,8 @@ def stop_anywhere(signum, frame):
 
 if __name__ == "__main__":
     for s in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal or a dropped ssh session sends SIGHUP
-        signal.signal(s, stop_anywhere)
+        if signal.getsignal(s) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
+            signal.signal(s, stop_anywhere)
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C outside the epoch loop
