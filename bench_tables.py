@@ -125,7 +125,7 @@ def main() -> None:
     print(f"torch {train.torch.__version__}, python {platform.python_version()}, {os.cpu_count()} CPUs, "
           f"{platform.machine()}")
     print(f"{'table':14} {'rows':>6} {'task':>5} | {'train.py':>8} {'linear':>7} {'mlp':>7} {'hgb':>7} | "
-          f"{'gap':>6} | {'train.py s':>10} {'mlp s':>6} {'hgb s':>6} | ok")
+          f"{'gap':>6} | {'train.py s':>10} {'mlp s':>6} {'hgb s':>6} | ok  | run note's verdict")
     failures, worst = [], 0.0
     for name, (make, label, task) in TABLES.items():
         if args.tables and not any(word in name for word in args.tables):
@@ -151,7 +151,8 @@ def main() -> None:
         failures += [] if ok else [name]
         print(f"{name:14} {len(frame):>6} {task[:5]:>5} | {ours:8.4f} {scores['linear'][0]:7.4f} {scores['mlp'][0]:7.4f} "
               f"{scores['hgb'][0]:7.4f} | {gap:+6.3f} | {seconds:10.1f} {scores['mlp'][1]:6.1f} {scores['hgb'][1]:6.1f} "
-              f"| {'yes' if ok else 'NO'}", flush=True)
+              f"| {'yes' if ok else 'NO ':3} | {report['diagnosis']['verdict']} (best epoch {report['best_epoch']})",
+              flush=True)
     print(f"summary: {'every table meets' if not failures else 'missed on ' + ', '.join(failures) + ';'} the targets; "
           f"worst gap to the best baseline {worst:+.3f} (allowed 0.02 accuracy / 0.03 R²)")
 

@@ -24,7 +24,7 @@ EDITS = {
         ("        return self.net(x)\n", "        return self.net(x).softmax(dim=-1)\n")],
     "scheduler stepped once an epoch, not once a step": [
         ("        if scheduler is not None:\n            scheduler.step()", "        pass"),
-        ("            if train_loss is None:\n", "            run.scheduler.step()\n            if train_loss is None:\n")],
+        ("            if trained is None:\n", "            run.scheduler.step()\n            if trained is None:\n")],
     "training loss accumulated without detach()": [
         ("loss_sum += loss.detach().float() * len(yb)", "loss_sum = loss_sum + loss.float() * len(yb)")],
     "shuffling turned off": [
@@ -50,15 +50,15 @@ EDITS = {
     "best checkpoint = last epoch": [
         ('if val["loss"] < progress["best_loss"]:', "if True:")],
     "best checkpoint chosen by training loss": [
-        ('if val["loss"] < progress["best_loss"]:', 'if train_loss < progress["best_loss"]:'),
-        ('progress.update(best_loss=val["loss"],', "progress.update(best_loss=train_loss,")],
+        ('if val["loss"] < progress["best_loss"]:', 'if trained["loss"] < progress["best_loss"]:'),
+        ('progress.update(best_loss=val["loss"],', 'progress.update(best_loss=trained["loss"],')],
     "test rows used for selection": [
         ("epoch_batches(run.val_split, cfg,", 'epoch_batches(run.data["test"], cfg,')],
     "clipping before backward()": [
         ("            scaler.scale(loss / accum_steps).backward()",
          "            if grad_clip > 0:\n                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n"
          "            scaler.scale(loss / accum_steps).backward()"),
-        ("            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n        scaler.step",
+        ("            norms[steps] = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n        scaler.step",
          "        scaler.step")],
     "validation rows shuffled into training": [
         ('train_split, val_split = data["train"], data["val"]',
@@ -85,6 +85,14 @@ EDITS = {
         ('run.tally = {"loss_sum": position["loss_sum"][run.rank],', 'run.tally = {"loss_sum": torch.zeros(()),')],
     "random streams not restored on resume": [
         ("            restore_rng_states(checkpoint[\"rng\"][run.rank])\n", "            pass\n")],
+    "gradient norm recorded after clipping": [
+        ("            norms[steps] = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n",
+         "            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n"
+         "            norms[steps] = nn.utils.get_total_norm([p.grad for p in model.parameters()])\n")],
+    "the verdict ignores a best epoch at the end": [
+        ('    if last - b < limits["near_end"]:', "    if False:")],
+    "not learning judged against zero loss, not the base rates": [
+        ('    if val[b] >= limits["chance"] * base_loss:', '    if val[b] >= limits["chance"] * 0 + 1e9:')],
     "hub offline mode not set": [
         ('        os.environ["HF_HUB_OFFLINE"] = "1"\n', "        pass\n")],
 }
