@@ -1259,10 +1259,10 @@ def test_torchrun_two_cpu_processes_train_as_one_stop_together_and_resume_mid_ep
     args = ["--batch-size", "1", "--grad-accum-steps", "2", "--save-every-steps", "4",
             "--datasets-dir", str(tmp_path / "datasets")]
     whole = tmp_path / "whole"
-    result = torchrun(tmp_path, *flags(whole, source, *args, epochs=12), record=whole)
+    result = torchrun(tmp_path, *flags(whole, source, *args, epochs=8), record=whole)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert output.count("epoch   1/12") == 1 and "effective batch 4" in output  # rank 0 alone logs
+    assert output.count("epoch   1/8") == 1 and "effective batch 4" in output  # rank 0 alone logs
     written = sorted(str(p.relative_to(whole)) for d in ("checkpoints", "training-loop") for p in (whole / d).iterdir())
     assert written == ["checkpoints/best_model.pt", "checkpoints/last.pt", "training-loop/confusion_matrix.png",
                        "training-loop/history.json", "training-loop/loss_curve.png", "training-loop/run_note.md",
@@ -1281,15 +1281,15 @@ def test_torchrun_two_cpu_processes_train_as_one_stop_together_and_resume_mid_ep
     assert report["accuracy"] >= 0.9
     final = rank_weights(whole)
 
-    # SIGTERM to rank 1 alone at step 4 of epoch 7: the ranks agree at their next check, both save
+    # SIGTERM to rank 1 alone at step 4 of epoch 3: the ranks agree at their next check, both save
     # that step and stop; a resume (every rank reads rank 0's last.pt) goes on at the next step.
     stopped = tmp_path / "stopped"
-    result = torchrun(tmp_path, *flags(stopped, source, *args, epochs=12), signal_at="7,4,SIGTERM,1")
+    result = torchrun(tmp_path, *flags(stopped, source, *args, epochs=8), signal_at="3,4,SIGTERM,1")
     assert result.returncode != 0 and "stopped by SIGTERM" in result.stderr, result.stdout + result.stderr
-    assert "holds epoch 7, step 10 of 18. Resume with: torchrun --nproc_per_node=2" in result.stderr
-    result = torchrun(tmp_path, *flags(stopped, source, *args, "--resume", epochs=12), record=stopped)
+    assert "holds epoch 3, step 10 of 18. Resume with: torchrun --nproc_per_node=2" in result.stderr
+    result = torchrun(tmp_path, *flags(stopped, source, *args, "--resume", epochs=8), record=stopped)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "at epoch 7, step 10 of 18" in result.stderr
+    assert "at epoch 3, step 10 of 18" in result.stderr
     assert_same_run(whole, stopped)
     assert all(torch.equal(final[k], rank_weights(stopped)[k]) for k in final)
 

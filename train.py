@@ -1329,6 +1329,11 @@ def plot_history(history: list[dict], best_epoch: int, title: str, path: Path, f
         norm_ax.plot(epochs, [h.get("grad_norm_max") for h in history], color="tab:brown", alpha=0.4, label="max")
         norm_ax.legend(fontsize=8)
     norm_ax.set(title="Gradient norm before clipping", xlabel="epoch", yscale="log")
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    norm_ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 0.1, 0.2, 0.5, 1, ...: labelled plainly,
+    norm_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # as the default's 10^x costs 0.3 s of mathtext
+    norm_ax.yaxis.set_minor_formatter(NullFormatter())
     for ax in (loss_ax, metric_ax, lr_ax, norm_ax):
         ax.axvline(best_epoch, color="gray", linestyle="--", label=f"best epoch ({best_epoch})")
         if finding:
