@@ -1166,10 +1166,10 @@ def log_report(report: dict, outputs: torch.Tensor, y: torch.Tensor, rows: np.nd
 def diagnosis_limits(epochs: int) -> dict:
     """Every threshold the run note uses, in one place, each with the reason it sits where it does."""
     return {
-        # A trend, not one noisy epoch: a stretch of a tenth of the run, and at least 3 epochs.
+        # A trend, not one noisy epoch: a stretch of a tenth of the run, and at least 3 epochs. A run
+        # needs that many epochs after its best to have shown it flattened (or turned); fewer, and
+        # it may well still be improving.
         "stretch": max(3, round(epochs / 10)),
-        # A best epoch in the last tenth of the run (at least the last epoch): it ended still improving.
-        "near_end": max(1, round(epochs / 10)),
         # Validation loss over the last stretch at least 3% above its best is a rise; less is the noise of
         # a minimum picked among noisy epochs (Iris's 22 validation rows jitter by about that much).
         "rise": 0.03,
@@ -1248,8 +1248,9 @@ def diagnose(history: list[dict], best_epoch: int, base_loss: float, cfg: Traini
                   f"({before:.4g} -> {after:.4g})",
                   f"stop sooner: --early-stopping-patience {stretch} (or --epochs {best_epoch + stretch}); "
                   f"or regularize: --weight-decay {max(10 * cfg.weight_decay, 0.01):g}")
-    if last - b < limits["near_end"]:
-        found("still_improving", b, f"the best validation loss came at epoch {best_epoch} of {epochs[-1]}",
+    if last - b < stretch:
+        found("still_improving", b, f"the best validation loss came at epoch {best_epoch} of {epochs[-1]}"
+              + ("" if b == last else f", too near the end to show a trend (fewer than {stretch} epochs after it)"),
               f"train longer: --epochs {2 * epochs[-1]}, or a higher --learning-rate ({lr:g} -> {lr * 3:g})")
     verdict = next((p for p in ("not_learning", "unstable", "overfitting", "still_improving")
                     if any(f["pattern"] == p for f in findings)), "converged")
@@ -1269,7 +1270,8 @@ def run_note(diagnosis: dict, history: list[dict], best_epoch: int, result: dict
         "converged": f"validation loss settled within {diagnosis_limits(len(history))['rise']:.0%} of its best: "
                      "more epochs would not help",
         "overfitting": f"after epoch {best_epoch} the model fit the training rows better and new rows worse",
-        "still_improving": "validation loss was still falling when training ended: more epochs would likely help",
+        "still_improving": "training ended before validation loss showed it had flattened: more epochs would "
+                           "likely help",
         "not_learning": "the model did no better on held-out rows than predicting the base rates",
         "unstable": "the loss or the gradients jumped, so the curves are not steady enough to trust",
     }[verdict]

@@ -90,7 +90,7 @@ EDITS = {
          "            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n"
          "            norms[steps] = nn.utils.get_total_norm([p.grad for p in model.parameters()])\n")],
     "the verdict ignores a best epoch at the end": [
-        ('    if last - b < limits["near_end"]:', "    if False:")],
+        ("    if last - b < stretch:", "    if False:")],
     "not learning judged against zero loss, not the base rates": [
         ('    if val[b] >= limits["chance"] * base_loss:', '    if val[b] >= limits["chance"] * 0 + 1e9:')],
     "hub offline mode not set": [
