@@ -308,9 +308,9 @@ def load_table(cfg: TrainingConfig):
             log.info("downloading %s from the Hugging Face hub (once; later runs load %s offline)", source, saved)
             table = datasets.load_dataset(source, split="train", cache_dir=hf_cache)
         if writable:  # into a temporary folder, then renamed: a kill mid-save leaves no half copy
-            partial = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")
-            table.save_to_disk(str(partial))
-            os.replace(partial, saved)
+            unfinished = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")
+            table.save_to_disk(str(unfinished))
+            os.replace(unfinished, saved)
         return checked_table(table, source)
     except SystemExit:
         raise
@@ -857,8 +857,9 @@ def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None, amp_
     With accum_steps > 1 the optimizer steps once every accum_steps micro-batches (and at the end);
     under DDP, only that last micro-batch's backward all-reduces gradients.
 
-    The epoch so far is a tally: {"loss_sum", "rows", "steps", "norms"} (a gradient norm a step).
-    A resumed epoch passes in the one it saved, with `batches` starting where it stopped.
+    The epoch so far is a tally: {"loss_sum", "rows", "steps", "norms"} (a gradient norm a step, in
+    the first `steps` slots). A resumed epoch passes in the one it saved, with `batches` starting
+    where it stopped.
     `after_step(tally)` runs after every optimizer step but the epoch's last, where nothing is
     half accumulated; if it returns True, the epoch stops there and this returns None."""
     model.train()
@@ -867,7 +868,7 @@ def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None, amp_
     tally = tally or {"loss_sum": torch.zeros(()), "rows": 0, "steps": 0, "norms": torch.zeros(0)}
     # Both stay on the device, so no step waits for the host; norms has a slot a step, grown by doubling.
     loss_sum = tally["loss_sum"].to(device, copy=True)
-    norms = torch.cat([tally["norms"].to(device), torch.zeros(1024, device=device)])
+    norms = torch.cat([tally["norms"][:tally["steps"]].to(device), torch.zeros(1024, device=device)])
     rows, steps = tally["rows"], tally["steps"]
     for i, ((xb, yb), last) in enumerate(with_last(batches)):
         if i % accum_steps == 0:
@@ -893,7 +894,7 @@ def train_one_epoch(model, batches, optimizer, scheduler=None, scaler=None, amp_
             scheduler.step()  # once per optimizer step: the schedule is laid out in steps, not epochs
         steps += 1
         if not last and after_step is not None and after_step({"loss_sum": loss_sum, "rows": rows, "steps": steps,
-                                                               "norms": norms[:steps]}):
+                                                               "norms": norms}):
             return None
     loss_sum, rows = all_reduce(torch.stack([loss_sum, torch.tensor(float(rows), device=device)])).tolist()
     return {"loss": loss_sum / max(rows, 1), **norm_summary(norms[:steps], grad_clip)}
@@ -1548,7 +1549,7 @@ def step_done(run: Run, epoch: int, stop: dict, tally: dict) -> bool:
     if stopping or (every and steps % every == 0):
         # each rank's own loss sum: gathering them keeps the epoch's final all_reduce, and so its loss, exact
         save_last(run, {"epoch": epoch, "steps": steps, "rows": tally["rows"],
-                        "loss_sum": every_rank(tally["loss_sum"].cpu()), "norms": tally["norms"].cpu()})
+                        "loss_sum": every_rank(tally["loss_sum"].cpu()), "norms": tally["norms"][:steps].cpu()})
     if stopping:
         stop["at"] = where(run, epoch, steps)
     return stopping
@@ -1712,11 +1713,10 @@ def report(run: Run, outputs: torch.Tensor, rows: torch.Tensor) -> dict:
     y_test = data["test"][1][rows]
     result = {**test_report(outputs, y_test, data, cfg.label_column), "best_epoch": progress["best_epoch"],
               "diagnosis": diagnose(progress["history"], progress["best_epoch"], base_rate_loss(data), cfg)}
-    diagnosis = result["diagnosis"]
-    note = run_note(diagnosis, progress["history"], progress["best_epoch"], result, cfg, run_title(run))
+    diagnosis, title = result["diagnosis"], run_title(run)
+    note = run_note(diagnosis, progress["history"], progress["best_epoch"], result, cfg, title)
     write_json(run.out / "test_report.json", result)
     save_file(run.out / "run_note.md", lambda f: f.write(note.encode()))
-    title = run_title(run)
     figure_path = run.out / ("confusion_matrix.png" if data["task"] == "classification" else "predictions.png")
     if run.rank == 0:
         if progress["history"]:
