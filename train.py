@@ -1286,8 +1286,8 @@ def run_note(diagnosis: dict, history: list[dict], best_epoch: int, result: dict
              f"**Verdict: {verdict.replace('_', ' ')}.** Best epoch {best_epoch} of {end['epoch']}; {score}.", "",
              f"- Best and last: {differ}.",
              f"- The curves: training loss {start['train_loss']:.4g} -> {end['train_loss']:.4g}; validation loss "
-             f"{start['val_loss']:.4g} -> {best['val_loss']:.4g} (epoch {best_epoch}) -> {end['val_loss']:.4g} "
-             f"(epoch {end['epoch']}). So {implied}."]
+             f"{start['val_loss']:.4g} -> {best['val_loss']:.4g} (epoch {best_epoch})"
+             + (f" -> {end['val_loss']:.4g} (epoch {end['epoch']})" if best is not end else "") + f". So {implied}."]
     unstable = [f["evidence"] for f in findings if f["pattern"] == "unstable"]
     norms = [h for h in history if "grad_norm" in h]  # recorded only while clipping is on
     peak = max(norms, key=lambda h: h["grad_norm_max"]) if norms else None
