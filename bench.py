@@ -53,7 +53,7 @@ CLASSES = 10
 
 def loop_train_py(model, optimizer, x, y, batch_size, seed, device):
     rows = train.shard_rows(len(x), shuffle_seed=seed)
-    return train.train_one_epoch(model, train.iterate_batches(x, y, batch_size, rows), optimizer)
+    return train.train_one_epoch(model, train.iterate_batches((x, y), batch_size, rows), optimizer)
 
 
 def loop_article(model, optimizer, x, y, batch_size, seed, device):
@@ -84,7 +84,7 @@ LOOPS = {"a": loop_train_py, "b": loop_article, "c": loop_minimal}
 
 def setup(name: str, features: int, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
-    model = train.build_model(features, CLASSES, train.TrainingConfig()).to(device)
+    model = train.build_model((features,), CLASSES, train.TrainingConfig()).to(device)
     if name == "b":  # what the article does: default AdamW
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:  # what train.py does, so (c) isolates the loop's own overhead
@@ -311,8 +311,9 @@ def part_save_cost(runs: int, rows: int = 1_200_000, features: int = 16, epochs:
         # One save, timed on its own: train.py's set_up and save_last on the same table and settings.
         run = train.set_up(train.parse_config([*base[2:], "--checkpoint-dir", str(tmp / "timed"),
                                                "--output-dir", str(tmp / "timed")]), torch.device("cpu"))
-        steps = train.steps_per_epoch(run.cfg, run.data, 1)
-        position = {"epoch": 1, "steps": every, "rows": every * run.cfg.batch_size, "loss_sum": [torch.tensor(1.0)]}
+        steps = run.steps
+        position = {"epoch": 1, "steps": every, "rows": every * run.cfg.batch_size, "loss_sum": [torch.tensor(1.0)],
+                    "norms": torch.zeros(every)}
         save_seconds = []
         for _ in range(20):
             started = time.perf_counter()
