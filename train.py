@@ -99,9 +99,10 @@ class TrainingConfig:
 RUNTIME_FIELDS = {"device", "loader", "num_workers", "compile", "checkpoint_dir", "output_dir",
                   "datasets_dir", "save_every_steps", "log_every", "tensorboard", "resume",
                   "eval_only", "predict"}
-CHOICES = {"mode": ("auto", "min", "max"), "scheduler": ("cosine", "none"), "missing": ("impute", "error"),
-           "loader": ("auto", "memory", "dataloader"), "amp_dtype": ("auto", "bfloat16", "float16"),
-           "task": ("auto", "classification", "regression"), "class_weight": ("none", "balanced")}
+CHOICES = {"mode": ("auto", "min", "max"), "scheduler": ("cosine", "none"),
+           "missing": ("impute", "error"), "loader": ("auto", "memory", "dataloader"),
+           "amp_dtype": ("auto", "bfloat16", "float16"), "class_weight": ("none", "balanced"),
+           "task": ("auto", "classification", "regression")}
 
 
 def fail(message: str):
@@ -124,14 +125,15 @@ def validate_config(cfg: TrainingConfig) -> None:
         (cfg.early_stopping_patience >= 0, "--early-stopping-patience must be 0 (off) or more"),
         (min(cfg.grad_accum_steps, cfg.log_every, cfg.max_categories) >= 1,
          "--grad-accum-steps, --log-every and --max-categories must be at least 1"),
-        (min(cfg.num_workers, cfg.save_every_steps) >= 0, "--num-workers and --save-every-steps must be 0 or more"),
-        (0 < cfg.val_fraction and 0 < cfg.test_fraction and cfg.val_fraction + cfg.test_fraction < 1,
+        (min(cfg.num_workers, cfg.save_every_steps) >= 0,
+         "--num-workers and --save-every-steps must be 0 or more"),
+        (min(cfg.val_fraction, cfg.test_fraction) > 0 and cfg.val_fraction + cfg.test_fraction < 1,
          "--val-fraction and --test-fraction must be above 0, and their sum below 1"),
         (cfg.predict is None or cfg.predict.strip() != "", "--predict was given an empty value"),
     ]
     for name, allowed in CHOICES.items():
-        value = getattr(cfg, name)
-        rules.append((value in allowed, f"--{name.replace('_', '-')} {value!r} is unknown; use {', '.join(allowed)}"))
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        rules.append((value in allowed, f"{flag} {value!r} is unknown; use {', '.join(allowed)}"))
     problems = [message for ok, message in rules if not ok]
     if problems:
         fail("; ".join(problems))
@@ -171,7 +173,8 @@ class TinyMLP(nn.Module):
     def __init__(self, in_features: int, out_features: int, hidden: int = 32):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
+                                 nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -191,7 +194,7 @@ class Objective:
     --predict read the outputs only through these."""
     outputs: int  # model outputs a row
     loss: typing.Callable  # loss(out, y): the training loss, a mean over the batch's rows
-    row_losses: typing.Callable  # row_losses(out, y): each held-out row's loss; val_loss is the mean
+    row_losses: typing.Callable  # row_losses(out, y): each held-out row's loss (mean: val_loss)
     metrics: typing.Callable  # metrics(out, y): {name: value}, from a whole split's outputs at once
     describe: typing.Callable  # describe(out): each row's prediction in words
     baseline: torch.Tensor | None = None  # an output row that predicts the training base rates
@@ -212,8 +215,8 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig, steps_per_epoch: int)
     state_dict, so any torch optimizer and scheduler works."""
     # The fused kernel updates every parameter in one call: about 2x the default's speed on CPU.
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, fused=fused)
     if cfg.scheduler == "none":
         return optimizer, None, "step"
     total = cfg.epochs * steps_per_epoch
@@ -238,7 +241,7 @@ def get_best_device(requested: str = "auto") -> torch.device:
         device = torch.device(requested)
         torch.empty(0, device=device)  # raises where there is no such device
     except (RuntimeError, AssertionError):
-        fail(f"--device {requested!r} is not a device of this machine; use auto, cpu, cuda, cuda:N or mps")
+        fail(f"--device {requested!r} is not a device of this machine; use auto, cpu, cuda or mps")
     return device
 
 
@@ -261,7 +264,7 @@ def split_rows(split) -> int:
     return len(split[0]) if isinstance(split, tuple) else len(split)
 
 
-def shard_rows(n: int, rank: int = 0, world: int = 1, shuffle_seed: int | None = None) -> torch.Tensor:
+def shard_rows(n: int, rank: int = 0, world: int = 1, shuffle_seed: int | None = None):
     """This rank's rows, dealt as DistributedSampler deals them. Shuffled: one permutation of
     shuffle_seed (seed + epoch) on every rank, padded so that every rank takes as many steps. In
     order (evaluation): every world-th row."""
@@ -314,7 +317,7 @@ def train_one_epoch(model, batches, optimizer, loss_fn=F.cross_entropy, schedule
     tally = tally or {"loss_sum": torch.zeros(()), "rows": 0, "steps": 0, "norms": torch.zeros(0)}
     # Sums stay on the device, so no step waits for the host; a norm slot a step, grown by doubling.
     loss_sum = tally["loss_sum"].to(device, copy=True)
-    norms = torch.cat([tally["norms"][:tally["steps"]].to(device), torch.zeros(1024, device=device)])
+    norms = torch.cat([tally["norms"][:tally["steps"]], torch.zeros(1024)]).to(device)
     rows, steps = tally["rows"], tally["steps"]
     for i, ((xb, yb), last) in enumerate(with_last(batches)):
         if i % accum_steps == 0:
@@ -342,16 +345,17 @@ def train_one_epoch(model, batches, optimizer, loss_fn=F.cross_entropy, schedule
         if not last and after_step is not None and after_step(
                 {"loss_sum": loss_sum, "rows": rows, "steps": steps, "norms": norms}):
             return None
-    loss_sum, rows = sum(every_rank(torch.stack([loss_sum.cpu(), torch.tensor(float(rows))]))).tolist()
-    norms = norms[:steps][torch.isfinite(norms[:steps])]  # float16 steps that overflowed are skipped
-    if grad_clip <= 0 or not len(norms):
-        return {"loss": loss_sum / max(rows, 1)}
-    mean, peak, cut = torch.stack([norms.mean(), norms.max(), (norms > grad_clip).float().mean()]).tolist()
-    return {"loss": loss_sum / max(rows, 1), "grad_norm": mean, "grad_norm_max": peak, "clipped": cut}
+    total = sum(every_rank(torch.stack([loss_sum.cpu(), torch.tensor(float(rows))]))).double()
+    result = {"loss": (total[0] / total[1].clamp_min(1)).item()}
+    norms = norms[:steps][torch.isfinite(norms[:steps])]  # float16 steps that overflowed: skipped
+    if grad_clip > 0 and len(norms):
+        summary = torch.stack([norms.mean(), norms.max(), (norms > grad_clip).float().mean()])
+        result.update(zip(("grad_norm", "grad_norm_max", "clipped"), summary.tolist()))
+    return result
 
 
 @torch.inference_mode()
-def evaluate(model, batches, objective: Objective, amp_dtype=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def evaluate(model, batches, objective: Objective, amp_dtype=None) -> tuple:
     """A split's held-out loss and metrics, from all its outputs at once (under DDP, every rank's
     rows: all ranks report the same numbers); also each row's loss, and its target."""
     model.eval()
@@ -386,7 +390,7 @@ def with_last(items):
         yield previous, True
 
 
-# ============================================================================= checkpoints and resume
+# ============================================================================= checkpoints, resume
 
 CHECKPOINT_VERSION = 3
 
@@ -420,8 +424,9 @@ def path_of(cfg: TrainingConfig, name: str) -> Path:
 
 def model_state(run: Run, epoch: int) -> dict:
     """The weights, and all that rebuilding the model and predicting with it need."""
-    return {"version": CHECKPOINT_VERSION, "model": run.model.state_dict(), "epoch": epoch, "run": run.progress["run"],
-            "model_args": run.model_args, "meta": run.data["meta"], "config": asdict(run.cfg)}
+    return {"version": CHECKPOINT_VERSION, "model": run.model.state_dict(), "epoch": epoch,
+            "run": run.progress["run"], "model_args": run.model_args, "meta": run.data["meta"],
+            "config": asdict(run.cfg)}
 
 
 def save_last(run: Run, position: dict | None = None) -> None:
@@ -443,7 +448,7 @@ def load_checkpoint(path: Path) -> dict:
         fail(f"{path} is not a readable checkpoint (truncated or corrupt?): {first_line(e)}")
     version = checkpoint.get("version") if isinstance(checkpoint, dict) else None
     if version != CHECKPOINT_VERSION:
-        fail(f"{path} was not written by this train.py (version {version}, not {CHECKPOINT_VERSION})")
+        fail(f"{path} was not of this train.py (version {version}, not {CHECKPOINT_VERSION})")
     return checkpoint
 
 
@@ -462,8 +467,8 @@ def model_from_checkpoint(checkpoint: dict, path="the checkpoint") -> nn.Module:
 
 
 def config_of(checkpoint: dict) -> TrainingConfig:
-    known = TrainingConfig.__dataclass_fields__
-    return replace(TrainingConfig(), **{k: v for k, v in checkpoint["config"].items() if k in known})
+    saved, known = checkpoint["config"], TrainingConfig.__dataclass_fields__
+    return replace(TrainingConfig(), **{k: saved[k] for k in saved if k in known})
 
 
 def check_same_data(checkpoint: dict, path: Path, meta: dict) -> None:
@@ -486,17 +491,18 @@ def resumed_config(cfg: TrainingConfig, given: set[str], last: dict) -> Training
     that would change anything else refused, by name."""
     saved = config_of(last)
     # The dataset may be spelt another way (./data.csv): check_same_data compares its content.
+    fixed = sorted(given - RUNTIME_FIELDS - {"dataset"})
     changed = [f"--{k.replace('_', '-')} ({getattr(saved, k)!r} there, {getattr(cfg, k)!r} now)"
-               for k in sorted(given - RUNTIME_FIELDS - {"dataset"}) if getattr(saved, k) != getattr(cfg, k)]
+               for k in fixed if getattr(saved, k) != getattr(cfg, k)]
     if changed:
         fail(f"--resume goes on with the settings of {path_of(cfg, 'last.pt')}, and cannot change "
-             f"{', '.join(changed)}: drop the flag, or start a new run with another --checkpoint-dir")
+             f"{', '.join(changed)}: drop the flag, or start a new run in another --checkpoint-dir")
     return replace(saved, **{k: getattr(cfg, k) for k in RUNTIME_FIELDS | (given & {"dataset"})})
 
 
 def restore(run: Run, last: dict) -> None:
-    """Restore all that last.pt holds into the run, once it is known to be of this data. For
-    --eval-only, the weights and the progress: the run's end, which the note compares with the best."""
+    """Restore all that last.pt holds into the run, once it is known to be of this data; for
+    --eval-only, the weights and the progress alone: the run's end, for the note."""
     path, best = path_of(run.cfg, "last.pt"), path_of(run.cfg, "best_model.pt")
     check_same_data(last, path, run.data["meta"])
     load_weights(run.model, last, path)
@@ -504,8 +510,8 @@ def restore(run: Run, last: dict) -> None:
     if run.cfg.eval_only:
         return
     if len(last["rng"]) != run.world:
-        fail(f"{path} was saved by {len(last['rng'])} process(es), and this run has {run.world}: go on with "
-             "as many, or start a new run with another --checkpoint-dir")
+        fail(f"{path} was saved by {len(last['rng'])} process(es), and this run has {run.world}: "
+             "go on with as many, or start a new run in another --checkpoint-dir")
     try:
         run.optimizer.load_state_dict(last["optimizer"])
         if run.scheduler is not None:
@@ -513,7 +519,7 @@ def restore(run: Run, last: dict) -> None:
         run.scaler.load_state_dict(last["scaler"])
         restore_rng_states(last["rng"][run.rank])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        fail(f"{path} cannot be resumed from (incomplete, or of another optimizer): {first_line(e)}")
+        fail(f"{path} cannot be resumed (incomplete, or of another optimizer): {first_line(e)}")
     if run.progress["best_epoch"] and not best.is_file():
         fail(f"{best} is missing (moved or deleted?), and the run in {path} needs it: put it back, "
              "or start a new run with another --checkpoint-dir")
@@ -534,11 +540,11 @@ def refuse_unfinished(cfg: TrainingConfig) -> None:
         patience = saved.early_stopping_patience
         finished = progress["epoch"] >= saved.epochs or (patience and progress["stale"] >= patience)
         if not finished or last["position"] is not None:
-            fail(f"{path} holds a run stopped at epoch {progress['epoch']} of {saved.epochs}: go on with "
-                 "--resume, or start afresh with another --checkpoint-dir")
+            fail(f"{path} holds a run stopped at epoch {progress['epoch']} of {saved.epochs}: "
+                 "go on with --resume, or start afresh in another --checkpoint-dir")
 
 
-# ============================================================================= main: the story of a run
+# ============================================================================= main: a run
 
 def main(argv: list[str] | None = None) -> dict:
     """Parse, set up, fit, report. Returns what a caller may check: the best epoch, the test
@@ -551,10 +557,11 @@ def main(argv: list[str] | None = None) -> dict:
     with signals_caught() as stop:
         if cfg.predict is not None:  # given, even if empty: never "not given, so train"
             return {"predictions": predict_from_cli(cfg)}
-        last = load_checkpoint(path_of(cfg, "last.pt")) if cfg.resume and path_of(cfg, "last.pt").is_file() else None
-        if last is not None and not cfg.eval_only:
+        last = None
+        if cfg.resume and not cfg.eval_only and path_of(cfg, "last.pt").is_file():
+            last = load_checkpoint(path_of(cfg, "last.pt"))
             cfg = resumed_config(cfg, given_fields(argv), last)
-        with distributed(cfg) as (device, rank, world), one_run_per_folder(cfg.checkpoint_dir, rank):
+        with distributed(cfg) as (device, rank, world), one_run_per_folder(cfg, rank):
             run = set_up(cfg, device, rank, world, last)
             if not cfg.eval_only:
                 fit(run, stop, argv)
@@ -569,12 +576,11 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
         log.setLevel(logging.ERROR)  # one voice: rank 0 logs, writes and plots
     amp_dtype = resolve_amp_dtype(cfg, device)
     if rank == 0:
-        for path in (path_of(cfg, "last.pt"), path_of(cfg, "history.json")):  # fail before writing
-            check_writable(path.parent)
+        check_writable(Path(cfg.output_dir))  # fail before anything is written
         if not cfg.resume and not cfg.eval_only:
             refuse_unfinished(cfg)
-    for seed_stream in (random.seed, np.random.seed, torch.manual_seed):  # torch's seeds CUDA too
-        seed_stream(cfg.seed + rank)  # DDP copies rank 0's initial weights; the offset varies the rest
+    for seed in (random.seed, np.random.seed, torch.manual_seed):  # torch's seeds CUDA too
+        seed(cfg.seed + rank)  # DDP copies rank 0's initial weights; the offset varies the rest
     if rank > 0:
         barrier()  # rank 0 builds the dataset caches first; the others then read them
     data = build_data(cfg)
@@ -587,8 +593,7 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     batch = cfg.batch_size or int(np.clip(2 ** round(math.log2(max(n_train, 1) / 64)), 16, 512))
     cfg = replace(cfg, batch_size=batch, loader=choose_loader(cfg, device, data))
     if cfg.loader == "memory":  # the data goes to the device once, not batch by batch
-        data = {**data, "train": tuple(t.to(device) for t in data["train"]),
-                "val": tuple(t.to(device) for t in data["val"])}
+        data = {**data, **{s: tuple(t.to(device) for t in data[s]) for s in ("train", "val")}}
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x float32's speed on Ampere+
     objective = build_objective(data["meta"], cfg)
@@ -599,11 +604,11 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     optimizer, scheduler, when = build_optimizer(model, cfg, steps)
     if when not in ("step", "epoch", "metric"):
         fail(f"build_optimizer's scheduler steps at {when!r}: use step, epoch or metric")
-    # float16 needs a GradScaler, or small gradients underflow to zero; bfloat16 has float32's range.
+    # float16 needs a GradScaler, or small gradients underflow to zero; bfloat16 has the range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run_id = every_rank(f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}")[0]  # rank 0's
-    progress = {"epoch": 0, "best": None, "best_epoch": 0, "stale": 0, "history": [], "run": run_id,
-                "reference": None}
+    progress = {"epoch": 0, "best": None, "best_epoch": 0, "stale": 0, "history": [],
+                "run": run_id, "reference": None}
     run = Run(cfg, device, rank, world, amp_dtype, data, objective, model, eval_model, train_model,
               model_args, optimizer, scheduler, when, scaler, steps, progress)
     if cfg.eval_only:
@@ -612,17 +617,19 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
         restore(run, last)
     elif cfg.resume:
         log.info("resume: no %s yet, starting fresh", path_of(cfg, "last.pt"))
-    log.info("data: %s; %s, %d outputs; loader %s; device %s%s, amp %s; %d parameters; batch %d x %d "
-             "accumulation x %d rank(s); best by %s (%s is better)",
-             " / ".join(f"{split_rows(data[s])} {s}" for s in ("train", "val", "test")),
-             data["meta"].get("task", "?"), objective.outputs, cfg.loader, device,
-             " (torchrun DDP)" if world > 1 else "", amp_dtype or "off", sum(p.numel() for p in model.parameters()),
-             batch, cfg.grad_accum_steps, world, cfg.best_metric, "lower" if lower_is_better(cfg) else "higher")
+    sizes = " / ".join(f"{split_rows(data[s])} {s}" for s in ("train", "val", "test"))
+    ddp = " (torchrun DDP)" if world > 1 else ""
+    log.info("data: %s; %s, %d outputs; loader %s; device %s%s, amp %s; %d parameters", sizes,
+             data["meta"].get("task", "?"), objective.outputs, cfg.loader, device, ddp,
+             amp_dtype or "off", sum(p.numel() for p in model.parameters()))
+    direction = "lower" if lower_is_better(cfg) else "higher"
+    log.info("batch %d x %d accumulation x %d rank(s); best by %s (%s is better)", batch,
+             cfg.grad_accum_steps, world, cfg.best_metric, direction)
     return run
 
 
 def choose_loader(cfg: TrainingConfig, device: torch.device, data: dict) -> str:
-    """"memory" for tensors that fit the device: sliced there, with no per-row fetch and collate."""
+    """"memory" for tensors that fit the device: sliced there, no per-row fetch and collate."""
     if not all(isinstance(data[s], tuple) for s in ("train", "val")):
         return "dataloader"
     if cfg.loader != "auto" or device.type != "cuda":  # CPU and MPS: the data already sits there
@@ -641,15 +648,16 @@ def evaluated_run(run: Run) -> None:
         restore(run, last)
         return
     log.warning("--eval-only: no last.pt of run %s here, so no curves to read", best["run"])
-    run.progress.update(run=best["run"], best_epoch=best["epoch"], best=best.get(run.cfg.best_metric))
+    run.progress.update(run=best["run"], best_epoch=best["epoch"], best=best[run.cfg.best_metric])
 
 
 def split_batches(run: Run, split: str, epoch: int | None = None, start: int = 0):
     """This rank's pass over a split: shuffled for an epoch, in order for evaluation (None). A
-    resumed epoch starts `start` rows into this rank's share: nothing replayed, nothing skipped."""
+    resumed epoch starts `start` rows into this rank's share: nothing replayed or skipped."""
     seed = None if epoch is None else run.cfg.seed + epoch
     rows = shard_rows(split_rows(run.data[split]), run.rank, run.world, seed)[start:]
-    return iterate_batches(run.data[split], run.cfg.batch_size, rows, run.device, run.cfg.num_workers)
+    cfg = run.cfg
+    return iterate_batches(run.data[split], cfg.batch_size, rows, run.device, cfg.num_workers)
 
 
 def fit(run: Run, stop: dict, argv: list[str]) -> None:
@@ -659,18 +667,22 @@ def fit(run: Run, stop: dict, argv: list[str]) -> None:
     stop["loop"] = True  # a signal now stops after the current step, and saves it
     with live_view(run) as view:
         for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
-            if cfg.early_stopping_patience and progress["stale"] >= cfg.early_stopping_patience:
-                log.info("early stop: no better %s in %d epochs", cfg.best_metric, progress["stale"])
+            patience = cfg.early_stopping_patience
+            if patience and progress["stale"] >= patience:
+                log.info("early stop: %s not better in %d epochs", cfg.best_metric, patience)
                 break
             started = time.perf_counter()
             tally, run.tally = run.tally, None  # only a mid-epoch resume's first epoch has one
-            trained = train_one_epoch(
-                run.train_model, split_batches(run, "train", epoch, tally["rows"] if tally else 0),
-                run.optimizer, run.objective.loss, run.scheduler if run.when == "step" else None, run.scaler,
-                run.amp_dtype, cfg.grad_clip, cfg.grad_accum_steps, tally, partial(step_done, run, epoch, stop))
+            batches = split_batches(run, "train", epoch, tally["rows"] if tally else 0)
+            scheduler = run.scheduler if run.when == "step" else None
+            after_step = partial(step_done, run, epoch, stop)
+            trained = train_one_epoch(run.train_model, batches, run.optimizer, run.objective.loss,
+                                      scheduler, run.scaler, run.amp_dtype, cfg.grad_clip,
+                                      cfg.grad_accum_steps, tally, after_step)
             if trained is None:
                 break  # stopped mid-epoch, and last.pt holds that step
-            val, rows, _ = evaluate(run.eval_model, split_batches(run, "val"), run.objective, run.amp_dtype)
+            val, rows, _ = evaluate(run.eval_model, split_batches(run, "val"), run.objective,
+                                    run.amp_dtype)
             record_epoch(run, epoch, trained, val, rows, time.perf_counter() - started)
             show_epoch(run, view)
             if stop_agreed(stop, run.world):
@@ -680,7 +692,7 @@ def fit(run: Run, stop: dict, argv: list[str]) -> None:
         exit_resumable(run, stop, argv)
 
 
-# Under DDP, how often (in steps) the ranks compare stop flags: one small collective, not one a step.
+# Under DDP, how often (in steps) the ranks compare stop flags: a small collective, not one a step.
 STOP_CHECK_STEPS = 10
 
 
@@ -692,29 +704,30 @@ def step_done(run: Run, epoch: int, stop: dict, tally: dict) -> bool:
     stopping = (run.world == 1 or steps % STOP_CHECK_STEPS == 0) and stop_agreed(stop, run.world)
     if stopping or (every and steps % every == 0):
         # each rank's own loss sum: gathered, they keep the epoch's final sum exact
-        save_last(run, {"epoch": epoch, "steps": steps, "rows": tally["rows"], "norms": tally["norms"][:steps].cpu(),
+        save_last(run, {"epoch": epoch, "steps": steps, "rows": tally["rows"],
+                        "norms": tally["norms"][:steps].cpu(),
                         "loss_sum": every_rank(tally["loss_sum"].cpu())})
     if stopping:
         stop["at"] = f"epoch {epoch}, step {steps} of {run.steps}"
     return stopping
 
 
-def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows: torch.Tensor, seconds: float) -> None:
+def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows, seconds: float) -> None:
     """The epoch's line in the history; best_model.pt when best_metric is the best yet; last.pt."""
     cfg, progress = run.cfg, run.progress
     for name, value in (("training", trained["loss"]), ("validation", val["loss"])):
         if not math.isfinite(value):
-            kept = f"best_model.pt holds epoch {progress['best_epoch']}" if progress["best_epoch"] else "no best"
-            fail(f"epoch {epoch}: the {name} loss is {value}. Likely causes: a learning rate too high "
-                 "(lower --learning-rate), float16 overflow (use --amp-dtype bfloat16), or extreme values "
-                 f"in the data. Nothing of this epoch was saved; {kept}")
-    entry = {"epoch": epoch, "train_loss": trained["loss"], "val_loss": val["loss"],
-             **{f"val_{k}": v for k, v in val.items() if k != "loss" and isinstance(v, (int, float))},
-             **{k: v for k, v in trained.items() if k != "loss"},
+            best = progress["best_epoch"]
+            kept = f"holds epoch {best}" if best else "is not written"
+            fail(f"epoch {epoch}: the {name} loss is {value}. Likely causes: a learning rate too "
+                 "high (lower --learning-rate), float16 overflow (use --amp-dtype bfloat16), or "
+                 f"extreme values in the data. This epoch is not saved; best_model.pt {kept}")
+    metrics = {f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))}
+    entry = {"epoch": epoch, "train_loss": trained.pop("loss"), **metrics, **trained,
              "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds}
     if cfg.best_metric not in entry:
-        fail(f"--best-metric {cfg.best_metric} is not a validation metric of this objective; it reports "
-             f"{', '.join(k for k in entry if k.startswith('val_'))}")
+        fail(f"--best-metric {cfg.best_metric} is not a validation metric of this objective, which "
+             f"reports {', '.join(metrics)}")
     progress["history"].append(entry)
     progress["epoch"] = epoch
     if run.when == "metric":
@@ -722,9 +735,10 @@ def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows: torch.Ten
     elif run.when == "epoch" and run.scheduler is not None:
         run.scheduler.step()
     value, best = entry[cfg.best_metric], progress["best"]
-    if best is None or (value < best if lower_is_better(cfg) else value > best):  # held out, never "last"
+    if best is None or (value < best if lower_is_better(cfg) else value > best):  # never "last"
         progress.update(best=value, best_epoch=epoch, stale=0)
-        save_checkpoint(path_of(cfg, "best_model.pt"), {**model_state(run, epoch), cfg.best_metric: value})
+        state = {**model_state(run, epoch), cfg.best_metric: value}
+        save_checkpoint(path_of(cfg, "best_model.pt"), state)
     else:
         progress["stale"] += 1
     if epoch == reference_epoch(cfg.epochs):  # the run note compares the run's end with it
@@ -737,17 +751,18 @@ def report(run: Run) -> dict:
     """The test split, touched once, by the best checkpoint, after every choice is made; then
     test_report.json, the run note, the plot and the log's summary."""
     cfg, progress, objective = run.cfg, run.progress, run.objective
-    _, last_rows, y_val = evaluate(run.eval_model, split_batches(run, "val"), objective, run.amp_dtype)
+    evaluation = partial(evaluate, run.eval_model, objective=objective, amp_dtype=run.amp_dtype)
+    _, last_rows, y_val = evaluation(split_batches(run, "val"))
     barrier()  # rank 0's best_model.pt is whole before any rank reads it
     path = path_of(cfg, "best_model.pt")
     best = load_checkpoint(path)
     if best["run"] != progress["run"]:
-        fail(f"{path} belongs to run {best['run']}, not to this run ({progress['run']}): a failed write, "
-             "or another run in this --checkpoint-dir? Nothing was tested")
+        fail(f"{path} belongs to run {best['run']}, not to this run ({progress['run']}): a failed "
+             "write, or another run in this --checkpoint-dir? Nothing was tested")
     check_same_data(best, path, run.data["meta"])
     load_weights(run.model, best, path)
-    _, best_rows, _ = evaluate(run.eval_model, split_batches(run, "val"), objective, run.amp_dtype)
-    test, _, _ = evaluate(run.eval_model, split_batches(run, "test"), objective, run.amp_dtype)
+    _, best_rows, _ = evaluation(split_batches(run, "val"))
+    test, _, _ = evaluation(split_batches(run, "test"))
     base = None if objective.baseline is None else objective.row_losses(
         objective.baseline.expand(len(y_val), -1), y_val)
     rows = {"best": best_rows, "last": last_rows, "reference": progress["reference"], "base": base}
@@ -762,8 +777,9 @@ def report(run: Run) -> dict:
         plot_history(progress["history"], cfg, title, progress["best_epoch"], diagnosis["findings"])
     scores = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
     log.info("test, best epoch %d: %s on %d rows", progress["best_epoch"], scores, result["rows"])
-    written = [path_of(cfg, n) for n in ("best_model.pt", "last.pt", "history.json", "loss_curve.png",
-                                         "test_report.json", "run_note.md")]
+    names = ("best_model.pt", "last.pt", "history.json", "loss_curve.png", "test_report.json",
+             "run_note.md")
+    written = [path_of(cfg, name) for name in names]
     log.info("wrote %s", ", ".join(str(p) for p in written if p.exists()))
     for line in note.split("\n## ")[0].splitlines()[2:]:  # the note, up to its suggestions
         if line:
@@ -781,7 +797,7 @@ def classification_objective(meta: dict, cfg: TrainingConfig) -> Objective:
     --class-weight balanced, weighs each row by its class: cross_entropy's own weight would also
     weigh the smoothing by class, and favour the rare classes everywhere."""
     classes, binary = meta["classes"], len(meta["classes"]) == 2
-    counts = torch.tensor(meta.get("class_counts") or [1] * len(classes), dtype=torch.float32).clamp_min(0.5)
+    counts = torch.tensor(meta.get("class_counts") or [1] * len(classes)).float().clamp_min(0.5)
     weights = counts.sum() / (len(counts) * counts) if cfg.class_weight == "balanced" else None
 
     def row_losses(out, y, smoothing=0.0):
@@ -814,9 +830,11 @@ def classification_objective(meta: dict, cfg: TrainingConfig) -> Objective:
 def class_metrics(predicted: torch.Tensor, y: torch.Tensor, n: int) -> dict:
     """Accuracy, balanced accuracy, macro F1 and the confusion matrix (rows: the true class)."""
     cm = torch.bincount(y * n + predicted, minlength=n * n).reshape(n, n).double()
-    recall, precision = cm.diagonal() / cm.sum(1).clamp_min(1), cm.diagonal() / cm.sum(0).clamp_min(1)
+    hits = cm.diagonal()
+    recall, precision = hits / cm.sum(1).clamp_min(1), hits / cm.sum(0).clamp_min(1)
     f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
-    return {"acc": (cm.trace() / cm.sum()).item(), "balanced_acc": recall[cm.sum(1) > 0].mean().item(),
+    balanced = recall[cm.sum(1) > 0].mean().item()  # the classes the split holds
+    return {"acc": (hits.sum() / cm.sum()).item(), "balanced_acc": balanced,
             "macro_f1": f1.mean().item(), "confusion_matrix": cm.long().tolist()}
 
 
@@ -827,7 +845,8 @@ def roc_auc(scores: torch.Tensor, y: torch.Tensor) -> float:
         return float("nan")
     _, inverse, counts = torch.unique(scores.double(), return_inverse=True, return_counts=True)
     ranks = (counts.cumsum(0) - (counts - 1) / 2)[inverse]  # 1-based, ties averaged
-    return ((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives)).item()
+    above = ranks[y == 1].sum() - positives * (positives + 1) / 2
+    return (above / (positives * negatives)).item()
 
 
 def regression_objective(meta: dict) -> Objective:
@@ -841,20 +860,24 @@ def regression_objective(meta: dict) -> Objective:
 
     def metrics(out, y):
         error, spread = out.squeeze(-1) - y, (y - y.mean()).square().sum()
-        return {"rmse": error.square().mean().sqrt().item() * std, "mae": error.abs().mean().item() * std,
-                "r2": 1 - (error.square().sum() / spread).item() if spread > 0 else 0.0}
+        r2 = 1 - (error.square().sum() / spread).item() if spread > 0 else 0.0
+        rmse, mae = error.square().mean().sqrt().item() * std, error.abs().mean().item() * std
+        return {"rmse": rmse, "mae": mae, "r2": r2}
 
     def describe(out):
         return [f"{v * std + mean:.{decimals}f}" for v in out.float().squeeze(-1).tolist()]
 
-    return Objective(1, lambda out, y: row_losses(out, y).mean(), row_losses, metrics, describe, torch.zeros(1))
+    def loss(out, y):
+        return row_losses(out, y).mean()
+
+    return Objective(1, loss, row_losses, metrics, describe, torch.zeros(1))
 
 
 # ============================================================================= the table pipeline
 # The default data seam: any table by flags, text and blank cells included. Read it to know what
 # becomes of each column; skip it when build_data is yours.
 
-BUNDLED = {"scikit-learn/iris": Path(__file__).resolve().parent / "datasets" / "Iris.csv"}  # offline
+BUNDLED = {"scikit-learn/iris": Path(__file__).resolve().parent / "datasets" / "Iris.csv"}
 LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BLANKS = {"", "?", "na", "n/a", "nan", "null", "none", "-"}  # feature cells that mean "no value"
 NA = "(missing)"  # the category of a blank cell
@@ -870,16 +893,17 @@ def table_data(cfg: TrainingConfig) -> dict:
     train = splits["train"]
     spec = fit_inputs(table["features"], train, cfg.max_categories)
     x, inputs, flags = encode(table["features"], spec)
-    bad = ~np.isfinite(x).all(axis=0)  # "inf" in a cell; standardized in float64, any finite number fits
+    bad = ~np.isfinite(x).all(axis=0)  # "inf" in a cell: any finite number fits, once standardized
     if bad.any():
-        fail(f"input {inputs[int(np.argmax(bad))]!r} holds infinite values: fix that column, or leave it out")
+        fail(f"input {inputs[int(np.argmax(bad))]!r} holds infinite values: fix or leave it out")
     mean, std = x[train].mean(axis=0), x[train].std(axis=0)
     std[std == 0] = 1.0  # a constant input stays 0, not a division by zero
     # 0/1 inputs (one-hot, was-missing) stay 0/1: standardized, a flag set in one training row in a
     # thousand would reach 30 and swamp every other input.
     mean[flags], std[flags] = 0.0, 1.0
-    meta = {"task": task, "classes": classes, "title": f"{Path(cfg.dataset).name}: {cfg.label_column}", "features": list(spec),
-            "inputs": inputs, "preprocess": spec, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}
+    meta = {"task": task, "classes": classes, "features": list(spec), "inputs": inputs,
+            "preprocess": spec, "mean": torch.from_numpy(mean), "std": torch.from_numpy(std),
+            "title": f"{Path(cfg.dataset).name}: {cfg.label_column}"}
     if classes:
         meta["class_counts"] = np.bincount(y[train], minlength=len(classes)).tolist()
     else:  # a standardized target keeps the loss near 1, whatever the label's units
@@ -887,18 +911,19 @@ def table_data(cfg: TrainingConfig) -> dict:
         y = ((y - meta["target_mean"]) / meta["target_std"]).astype(np.float32)
     # The content and each split's rows: a checkpoint of other data, or of this file after rows
     # were added (which reshuffles the splits), is refused rather than trusted.
-    meta["fingerprint"] = digest([table["fingerprint"], *[rows.tolist() for rows in splits.values()]])
+    meta["fingerprint"] = digest([table["fingerprint"], *[p.tolist() for p in splits.values()]])
     if table["unlabelled"]:
         log.info("left out %d rows with no %r", table["unlabelled"], cfg.label_column)
     for line in describe_columns(table, spec):
         log.info("column %s", line)
-    x, y, source = torch.from_numpy(((x - mean) / std).astype(np.float32)), torch.from_numpy(y), table["source_rows"]
-    return {**{name: (x[rows], y[rows]) for name, rows in splits.items()}, "meta": meta,
-            "rows": {name: source[rows].numpy() for name, rows in splits.items()}}  # as the file numbers them
+    x, y = torch.from_numpy(((x - mean) / std).astype(np.float32)), torch.from_numpy(y)
+    source = table["source_rows"].numpy()  # the rows of each split, as the file numbers them
+    return {**{name: (x[part], y[part]) for name, part in splits.items()}, "meta": meta,
+            "rows": {name: source[part] for name, part in splits.items()}}
 
 
 class FieldsRead:
-    """A config that notes each field read: what a cached result depends on, with no list to keep."""
+    """A config that notes each field read: what a cached result depends on, no list to keep."""
 
     def __init__(self, cfg: TrainingConfig):
         self.cfg, self.read = cfg, {}
@@ -917,7 +942,8 @@ def cached_columns(cfg: TrainingConfig) -> dict:
     if fingerprint and cache.is_file():
         with suppress(Exception):  # unreadable or stale: rebuilt, never trusted
             columns = torch.load(cache, weights_only=True)
-            if columns["fingerprint"] == fingerprint and all(getattr(cfg, k) == v for k, v in columns["read"].items()):
+            same = all(getattr(cfg, k) == v for k, v in columns["read"].items())
+            if columns["fingerprint"] == fingerprint and same:
                 return columns
     watched = FieldsRead(cfg)
     columns = read_columns(watched)
@@ -925,7 +951,7 @@ def cached_columns(cfg: TrainingConfig) -> dict:
     try:
         save_file(cache, partial(torch.save, columns))
     except SystemExit as e:  # the cache only saves time: a run goes on without it
-        log.warning("%s; going on without the prepared-data cache", str(e.code).removeprefix("error: "))
+        log.warning("%s; going on without the prepared-data cache", str(e.code)[len("error: "):])
     return columns
 
 
@@ -933,8 +959,8 @@ def source_digest(cfg: TrainingConfig) -> str | None:
     """The source's content (a local file, or a hub dataset's saved copy), not its size and time,
     which a copy (cp -p, rsync -a) keeps through an edit; None while there is no copy."""
     path = Path(cfg.dataset)
-    files = [path] if path.is_file() else sorted(f for f in saved_copy(cfg).rglob("*") if f.is_file())
-    sha = hashlib.sha256(b"columns 3")  # bump when reading a table changes
+    files = [path] if path.is_file() else sorted(filter(Path.is_file, saved_copy(cfg).rglob("*")))
+    sha = hashlib.sha256(b"columns 4")  # bump when reading a table changes
     for file in files:
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -952,20 +978,22 @@ def load_table(cfg: TrainingConfig):
     copy for Iris, from the hub otherwise) and loaded from there after."""
     source, path, saved = cfg.dataset, Path(cfg.dataset), saved_copy(cfg)
     suffix = path.suffix.lower()
-    problem = "a directory; pass one of its files" if path.is_dir() else "no such file" if suffix in LOADERS \
-        and not path.is_file() else f"not one of {', '.join(LOADERS)}" if path.is_file() and suffix not in LOADERS \
-        else "the file is empty" if path.is_file() and path.stat().st_size == 0 else None
-    if problem:
-        fail(f"--dataset {source}: {problem}")
+    if path.is_dir():
+        fail(f"--dataset {source} is a directory; pass one of its files")
+    if path.is_file() and suffix not in LOADERS or suffix in LOADERS and not path.is_file():
+        fail(f"--dataset {source}: no such file" if path.suffix in LOADERS else
+             f"--dataset {source}: not one of {', '.join(LOADERS)}")
+    if path.is_file() and path.stat().st_size == 0:
+        fail(f"--dataset {source}: the file is empty")
     if path.is_file() or saved.exists() or source in BUNDLED:
         os.environ["HF_HUB_OFFLINE"] = "1"  # huggingface_hub reads it once, at import: set it first
     elif not hub_reachable():
-        fail(f"--dataset {source} is not saved under {cfg.datasets_dir}/ and the Hugging Face hub cannot be "
-             "reached: run once with a network, or pass a local file: --dataset path/to/data.csv")
+        fail(f"--dataset {source} is not saved under {cfg.datasets_dir}/, and the Hugging Face hub "
+             "cannot be reached: run once with a network, or pass a local file")
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(logging.CRITICAL)  # its errors reach the user as one line of ours
+    datasets.logging.set_verbosity(logging.CRITICAL)  # its errors reach the user as one line
     # A CSV is read whole, not in chunks of 10,000 rows that each guess their own column types, and
     # only an empty cell is missing: "NA" may name a class. The cache is temporary: a kept one grows
     # by a whole copy at every edit of a local file.
@@ -974,29 +1002,31 @@ def load_table(cfg: TrainingConfig):
     with tempfile.TemporaryDirectory(prefix="hf-cache-") as cache:
         try:
             if path.is_file():
-                table = read(LOADERS[suffix], data_files=source, cache_dir=cache, **(csv_as_is if suffix == ".csv" else {}))
+                options = csv_as_is if suffix == ".csv" else {}
+                table = read(LOADERS[suffix], data_files=source, cache_dir=cache, **options)
             elif saved.exists():
                 table = datasets.load_from_disk(str(saved), keep_in_memory=True)
             else:
-                log.info("saving %s under %s, once: later runs read it there, offline", source, cfg.datasets_dir)
-                table = read("csv", data_files=str(BUNDLED[source]), cache_dir=cache, **csv_as_is) \
-                    if source in BUNDLED else read(source, cache_dir=cache)
-                unfinished = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")  # renamed once whole
+                log.info("saving %s under %s, once: later runs read it there", source, saved.parent)
+                bundled = str(BUNDLED.get(source, ""))
+                table = read("csv", data_files=bundled, cache_dir=cache, **csv_as_is) if bundled \
+                    else read(source, cache_dir=cache)
+                unfinished = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")  # renamed, whole
                 with suppress(OSError):  # a read-only datasets_dir: read again next time
                     table.save_to_disk(str(unfinished))
                     os.replace(unfinished, saved)
         except Exception as e:  # datasets and pyarrow raise many types: the user needs the message
             cause = e.__cause__ or e
             if saved.exists() and not path.is_file():
-                fail(f"the saved copy {saved} is damaged ({first_line(cause)}); delete it and run again")
+                fail(f"the saved copy {saved} is damaged ({first_line(cause)}): delete it")
             if "corresponds to no data" in str(e):  # what datasets says of a header with no rows
                 fail(f"--dataset {source} has no rows")
             if isinstance(cause, UnicodeDecodeError):
-                fail(f"--dataset {source} is not UTF-8 text: an encoding or format problem ({first_line(cause)})")
+                fail(f"--dataset {source} is not UTF-8 text: an encoding or format problem")
             fail(f"--dataset {source}: could not load it ({first_line(cause)})")
     if len(table) == 0:
         fail(f"--dataset {source} has no rows")
-    names = {name: name.strip() for name in table.column_names}  # "age, income": " income" is income
+    names = {name: name.strip() for name in table.column_names}  # "age, income": " income"
     return table.rename_columns(names) if any(k != v for k, v in names.items()) else table
 
 
@@ -1024,8 +1054,8 @@ def read_columns(cfg: TrainingConfig) -> dict:
     if label not in columns:
         fail(f"--label-column {label!r} is not in the data; columns are: {', '.join(columns)}")
     if unknown:
-        fail(f"--feature-columns / --categorical-columns: {', '.join(unknown)} cannot be inputs; columns are: "
-             f"{', '.join(columns)}")
+        fail(f"--feature-columns / --categorical-columns: {', '.join(unknown)} cannot be inputs; "
+             f"columns are: {', '.join(columns)}")
     values = table.data.column(label).to_numpy(zero_copy_only=False)
     if values.dtype == object and any(isinstance(v, (list, dict, np.ndarray)) for v in values):
         fail(f"column {label!r} holds lists or records, not one label a row")
@@ -1035,52 +1065,55 @@ def read_columns(cfg: TrainingConfig) -> dict:
         fail(f"column {label!r} has no values")
     values = values[rows]
     if values.dtype.kind in "iuf" and not np.isfinite(values).all():
-        fail(f"column {label!r} holds an infinite value in data row {rows[~np.isfinite(values)][0] + 1}")
+        fail(f"column {label!r} holds an infinite value in row {rows[~np.isfinite(values)][0] + 1}")
     if values.dtype.kind in "iuf":
         labels = {"kind": "numeric", "values": torch.from_numpy(values.astype(np.float64))}
     else:  # labels that differ by surrounding spaces alone are one class, as feature cells are
-        names, codes = np.unique(np.array([str(v).strip() for v in values], dtype=object), return_inverse=True)
+        stripped = np.array([str(v).strip() for v in values], dtype=object)
+        names, codes = np.unique(stripped, return_inverse=True)
         labels = {"kind": "categorical", "codes": torch.from_numpy(codes), "names": names.tolist()}
     features, notes = {}, {}
     for name in chosen or [c for c in columns if c != label]:
-        raw = None if not chosen and is_id_like(name) else table.data.column(name).to_numpy(zero_copy_only=False)
-        column = read_column(raw[rows], name, name in as_category, rows, cfg.missing) if raw is not None \
-            else {"kind": "left out", "why": "an id-like name"}
+        column = {"kind": "left out", "why": "an id-like name"}
+        if chosen or not is_id_like(name):
+            cells = table.data.column(name).to_numpy(zero_copy_only=False)[rows]
+            column = read_column(cells, name, name in as_category, rows, cfg.missing)
         if column["kind"] == "left out":
             notes[name] = column["why"]
         else:
             features[name] = column
     if not features:
-        fail(f"no usable feature columns besides {label!r}: " + "; ".join(f"{k} {v}" for k, v in notes.items()))
-    return {"labels": labels, "features": features, "notes": notes, "source_rows": torch.from_numpy(rows),
-            "unlabelled": len(table) - len(rows)}
+        why = "; ".join(f"{k} {v}" for k, v in notes.items())
+        fail(f"no column but {label!r} can be an input: {why}")
+    return {"labels": labels, "features": features, "notes": notes,
+            "source_rows": torch.from_numpy(rows), "unlabelled": len(table) - len(rows)}
 
 
-def read_column(values: np.ndarray, name: str, as_category: bool, rows: np.ndarray, missing: str) -> dict:
+def read_column(values: np.ndarray, name: str, as_category: bool, rows: np.ndarray, missing: str):
     """One feature column as numbers, as categories, or left out with the reason."""
-    if values.dtype == object and any(isinstance(v, (list, dict, np.ndarray)) for v in values[:100]):
+    if values.dtype == object and any(isinstance(v, (list, dict, np.ndarray)) for v in values[:99]):
         return {"kind": "left out", "why": "not a column of single values"}
     if values.dtype.kind in "iufb" and not as_category:
         numbers = values.astype(np.float64)
     else:  # text, or codes: each distinct cell is read once
-        names, codes = np.unique(np.array([category(v) for v in values], dtype=object), return_inverse=True)
+        cells = np.array([category(v) for v in values], dtype=object)
+        names, codes = np.unique(cells, return_inverse=True)
         parsed = [math.nan if n == NA else parse_number(n) for n in names]
         text = np.isin(codes, [i for i, v in enumerate(parsed) if v is None])
         if not as_category and text.any() and text.sum() <= (names[codes] != NA).sum() / 2:
-            i = int(np.argmax(text))  # mostly numbers, a few words: a typo, likelier than categories
-            fail(f"column {name!r} holds a non-numeric value {values[i]!r} in data row {rows[i] + 1} among "
-                 f"numbers; fix it, or pass --categorical-columns {name} to read it as categories")
+            i = int(np.argmax(text))  # mostly numbers, a few words: a typo, not categories
+            fail(f"column {name!r} holds a word, {values[i]!r}, among numbers in row {rows[i] + 1}:"
+                 f" fix it, or pass --categorical-columns {name} to read the column as categories")
         if (as_category or text.any()) and len(names) < 2:
             return {"kind": "left out", "why": "constant"}
         if not as_category and text.any() and len(names) > max(20, len(values) // 2):
-            return {"kind": "left out", "why": f"text with {len(names)} distinct values in {len(values)} rows: "
-                                               "an identifier or free text"}
+            return {"kind": "left out", "why": f"text, {len(names)} distinct in {len(values)} rows"}
         if as_category or text.any():
-            return {"kind": "categorical", "codes": torch.from_numpy(codes), "names": names.tolist()}
+            return {"kind": "categorical", "codes": torch.from_numpy(codes), "names": list(names)}
         numbers = np.array(parsed, dtype=np.float64)[codes]
     if missing == "error" and np.isnan(numbers).any():
-        fail(f"column {name!r} has a blank cell in data row {rows[int(np.argmax(np.isnan(numbers)))] + 1}, and "
-             "--missing is error; --missing impute fills blanks")
+        row = rows[int(np.argmax(np.isnan(numbers)))] + 1
+        fail(f"column {name!r} has a blank cell in row {row}, and --missing is error")
     filled = numbers[~np.isnan(numbers)]
     if len(filled) == 0 or (len(filled) == len(numbers) and filled.min() == filled.max()):
         return {"kind": "left out", "why": "constant"}  # nothing to learn from
@@ -1090,12 +1123,13 @@ def read_column(values: np.ndarray, name: str, as_category: bool, rows: np.ndarr
 def is_id_like(name: str) -> bool:
     """id, user_id, PassengerId, customerID, index, RowNumber, "Unnamed: 0", __index_level_0__."""
     lower = name.lower()
-    return bool(re.search(r"(^|_)id$", lower) or re.search(r"[a-z0-9](Id|ID)$", name)) or \
-        lower in ("index", "rownumber", "row_number") or lower.startswith(("unnamed:", "__index_level_"))
+    id_end = re.search(r"(^|_)id$", lower) or re.search(r"[a-z0-9](Id|ID)$", name)
+    return bool(id_end) or lower in ("index", "rownumber", "row_number") or \
+        lower.startswith(("unnamed:", "__index_level_"))
 
 
 def parse_number(value) -> float | None:
-    """A cell's number (3, "3.5", "18,111", "19%" as 19, "True" as 1); NaN if blank; None if text."""
+    """A cell's number (3, "3.5", "18,111", "19%" as 19, True as 1); NaN if blank; None if text."""
     text = str(value).strip().lower()
     if value is None or (isinstance(value, float) and math.isnan(value)) or text in BLANKS:
         return math.nan
@@ -1132,10 +1166,15 @@ def targets(cfg: TrainingConfig, labels: dict) -> tuple[str, list, np.ndarray]:
     if task == "regression":
         return task, [], values
     if len(distinct) < 2:
-        fail(f"column {cfg.label_column!r} holds one class ({distinct[0]!r}); a classifier needs two or more")
-    classes = [int(v) if float(v).is_integer() else float(v) for v in distinct] if numeric else list(distinct)
-    log.info("classes: %s%s", ", ".join(map(str, classes[:20])), f", ... ({len(classes)} in all)" * (len(classes) > 20))
-    return task, classes, (np.searchsorted(distinct, values) if numeric else labels["codes"].numpy()).astype(np.int64)
+        fail(f"column {cfg.label_column!r} holds one class ({distinct[0]!r}): a classifier needs 2")
+    if numeric:  # classes named by their values: 0, 1, 2 or 2.5
+        classes = [int(v) if float(v).is_integer() else float(v) for v in distinct]
+        y = np.searchsorted(distinct, values)
+    else:
+        classes, y = list(distinct), labels["codes"].numpy()
+    more = f", ... ({len(classes)} in all)" if len(classes) > 20 else ""
+    log.info("classes: %s%s", ", ".join(map(str, classes[:20])), more)
+    return task, classes, y.astype(np.int64)
 
 
 def split_indices(y: np.ndarray | None, n: int, cfg: TrainingConfig, classes=()) -> dict:
@@ -1143,17 +1182,21 @@ def split_indices(y: np.ndarray | None, n: int, cfg: TrainingConfig, classes=())
     reproducible from the seed. A class of fewer than 3 rows cannot give each split one: all its
     rows train, and the log says so."""
     rng = np.random.default_rng(cfg.seed)
+    groups = [np.arange(n)] if y is None else [np.flatnonzero(y == c) for c in range(len(classes))]
     parts = {"train": [], "val": [], "test": []}
-    for c, rows in enumerate([np.arange(n)] if y is None else [np.flatnonzero(y == c) for c in range(len(classes))]):
+    for c, rows in enumerate(groups):
         rows = rng.permutation(rows)
         if len(rows) < 3 and y is None:
             fail(f"the table has {n} labelled rows: train, val and test need one each")
         if len(rows) < 3:
-            log.warning("class %r has %d row(s): too few for val and test, so all of them train", classes[c], len(rows))
-        n_test = min(max(1, round(len(rows) * cfg.test_fraction)), len(rows) - 2) if len(rows) >= 3 else 0
-        n_val = min(max(1, round(len(rows) * cfg.val_fraction)), len(rows) - n_test - 1) if len(rows) >= 3 else 0
-        for name, part in zip(parts, (rows[n_test + n_val:], rows[n_test:n_test + n_val], rows[:n_test])):
-            parts[name].append(part)
+            log.warning("class %r has %d row(s): too few for val and test, so all train",
+                        classes[c], len(rows))
+        n_test = min(max(1, round(len(rows) * cfg.test_fraction)), len(rows) - 2)
+        n_val = min(max(1, round(len(rows) * cfg.val_fraction)), len(rows) - n_test - 1)
+        n_test, n_val = (n_test, n_val) if len(rows) >= 3 else (0, 0)
+        parts["test"].append(rows[:n_test])
+        parts["val"].append(rows[n_test:n_test + n_val])
+        parts["train"].append(rows[n_test + n_val:])
     splits = {name: np.sort(np.concatenate(p)).astype(np.int64) for name, p in parts.items()}
     if not len(splits["val"]):
         fail("no class has 3 rows or more: there is nothing to hold out for val and test")
@@ -1171,11 +1214,13 @@ def fit_inputs(features: dict, train: np.ndarray, max_categories: int) -> dict:
             blanks = int(np.isnan(seen).sum())
             median = float(np.nanmedian(seen)) if blanks < len(seen) else 0.0
             # A flag set in a row or two of a thousand is an input the model can only memorize.
-            spec[name] = {"kind": "numeric", "median": median, "flag": blanks > 0 and blanks >= 0.01 * len(seen)}
+            flag = blanks > 0 and blanks >= 0.01 * len(seen)
+            spec[name] = {"kind": "numeric", "median": median, "flag": flag}
             continue
         counts = np.bincount(column["codes"].numpy()[train], minlength=len(column["names"]))
         names = [column["names"][i] for i in np.argsort(-counts, kind="stable") if counts[i]]
-        spec[name] = {"kind": "categorical", "categories": names[:max_categories], "rest": names[max_categories:]}
+        spec[name] = {"kind": "categorical", "categories": names[:max_categories],
+                      "rest": names[max_categories:]}
     return spec
 
 
@@ -1187,34 +1232,40 @@ def encode(features: dict, spec: dict) -> tuple[np.ndarray, list[str], list[bool
         column = features[name]
         if s["kind"] == "numeric":
             blank = np.isnan(column["values"].numpy())
-            parts += [np.where(blank, s["median"], column["values"].numpy())[:, None], blank[:, None]][:1 + s["flag"]]
-            names += [name, f"{name} was missing"][:1 + s["flag"]]
-            flags += [False, True][:1 + s["flag"]]
+            parts.append(np.where(blank, s["median"], column["values"].numpy())[:, None])
+            names.append(name)
+            flags.append(False)
+            if s["flag"]:
+                parts.append(blank[:, None].astype(np.float64))
+                names.append(f"{name} was missing")
+                flags.append(True)
             continue
         slot = {c: i for i, c in enumerate(s["categories"])}
         slots = np.array([slot.get(c, len(slot)) for c in column["names"]], dtype=np.int64)
         parts.append(np.eye(len(slot) + 1)[slots[column["codes"].numpy()]])
         names += [f"{name}={c}" for c in s["categories"]] + [f"{name}=other"]
         flags += [True] * (len(slot) + 1)
-    return np.concatenate(parts, axis=1).astype(np.float64), names, flags
+    return np.concatenate(parts, axis=1), names, flags
 
 
 def describe_columns(table: dict, spec: dict) -> list[str]:
     """A line a column: what this run made of it."""
     lines, plain = [], []
     for name, s in spec.items():
-        blanks = int(np.isnan(table["features"][name]["values"].numpy()).sum()) if s["kind"] == "numeric" else 0
+        values = table["features"][name].get("values")
+        blanks = int(np.isnan(values.numpy()).sum()) if values is not None else 0
         if s["kind"] == "categorical":
             rarer = f" ({len(s['rest'])} rarer)" if s["rest"] else ""
             lines.append(f"{name}: categorical, {len(s['categories'])} categories + other{rarer}")
         elif blanks:
-            flag = " (and a was-missing input)" if s["flag"] else ""
-            lines.append(f"{name}: numeric, {blanks} blank cells filled with the training median {s['median']:g}{flag}")
+            flag = " and a was-missing input" if s["flag"] else ""
+            lines.append(f"{name}: numeric, {blanks} blanks, filled with {s['median']:g}{flag}")
         else:
             plain.append(name)
-    more = f", ... ({len(plain)} columns)" if len(plain) > 12 else ""
-    return [f"numeric: {', '.join(plain[:12])}{more}"] * bool(plain) + lines + \
-        [f"{name}: left out ({why})" for name, why in table["notes"].items()]
+    if plain:
+        more = f", ... ({len(plain)} columns)" if len(plain) > 12 else ""
+        lines.insert(0, f"numeric: {', '.join(plain[:12])}{more}")
+    return lines + [f"{name}: left out ({why})" for name, why in table["notes"].items()]
 
 
 def rows_to_inputs(rows, meta: dict) -> tuple[torch.Tensor, dict]:
@@ -1229,20 +1280,24 @@ def rows_to_inputs(rows, meta: dict) -> tuple[torch.Tensor, dict]:
             raise ValueError(f"row {i} has no {absent[0]!r}; the model reads {', '.join(names)}")
         row = [row[n] for n in names] if isinstance(row, dict) else list(row)
         if len(row) != len(names):
-            raise ValueError(f"row {i} has {len(row)} values; expected {len(names)}: {', '.join(names)}")
+            raise ValueError(f"row {i} has {len(row)} values; expected {len(names)}: "
+                             + ", ".join(names))
         for name, cell in zip(names, row):
             number = parse_number(cell)
             if spec[name]["kind"] == "numeric" and (number is None or math.isinf(number)):
-                raise ValueError(f"row {i}: column {name!r} needs a finite number (or an empty cell), not {cell!r}")
+                raise ValueError(f"row {i}: column {name!r} needs a finite number (or an empty "
+                                 f"cell), not {cell!r}")
         table.append(row)
     features, unseen = {}, {}
     for name, cells in zip(names, zip(*table)):
         if spec[name]["kind"] == "numeric":
-            features[name] = {"values": torch.tensor([parse_number(v) for v in cells], dtype=torch.float64)}
+            features[name] = {"values": torch.tensor([parse_number(v) for v in cells]).double()}
             continue
-        found, codes = np.unique(np.array([category(v) for v in cells], dtype=object), return_inverse=True)
+        found, codes = np.unique(np.array([category(v) for v in cells], dtype=object),
+                                 return_inverse=True)
         features[name] = {"codes": torch.from_numpy(codes), "names": found.tolist()}
-        unseen[name] = int(np.isin(found[codes], spec[name]["categories"] + spec[name]["rest"], invert=True).sum())
+        known = spec[name]["categories"] + spec[name]["rest"]
+        unseen[name] = int(np.isin(found[codes], known, invert=True).sum())
     x, _, _ = encode(features, spec)
     return ((torch.from_numpy(x) - meta["mean"]) / meta["std"]).float(), unseen
 
@@ -1292,118 +1347,140 @@ def diagnose(history: list[dict], best_epoch: int, rows: dict, cfg: TrainingConf
         return {"verdict": None, "findings": [], "evidence": {}}  # no curves of this run to read
     z, lr, found = NOTE_LIMITS["z"], cfg.learning_rate, []
     train = np.array([h["train_loss"] for h in history])
-    b, end = epochs.index(best_epoch), len(history) - 1
+    b, end = epochs.index(best_epoch), len(epochs) - 1
     lower_lr = f"lower --learning-rate ({lr:g} -> {lr / 10:g})"
     span = max(3, epochs[-1] - reference_epoch(cfg.epochs))
     evidence = {"rows": len(rows["best"]), "best_loss": rows["best"].double().mean().item(),
                 "rise": paired(rows["best"], rows["last"])}
     if rows["base"] is not None:
-        evidence.update(base_loss=rows["base"].double().mean().item(), gain=paired(rows["best"], rows["base"]))
+        evidence["base_loss"] = rows["base"].double().mean().item()
+        evidence["gain"] = paired(rows["best"], rows["base"])
     gain, rise = evidence.get("gain", [evidence["best_loss"], 0.0]), evidence["rise"]
     learnt = "gain" not in evidence or gain[0] > z * gain[1]
     evidence["material"] = NOTE_LIMITS["material"] * max(gain[0], 0.0)
     rose = learnt and rise[0] > z * rise[1] and rise[0] > evidence["material"]
     back = paired(rows["last"], rows["base"]) if rows["base"] is not None else [math.inf, 0.0]
     lost = learnt and b < end and back[0] <= z * back[1]  # by the end, all it had learnt is gone
-    fell = train[-1] < train[b]  # a fit of the training rows that explains a held-out rise
+    fell = train[-1] < train[b]  # a better fit of the training rows explains a held-out rise
+    change = f"{rise[0]:+.3g} ± {z * rise[1]:.2g} after epoch {best_epoch}"
     if not learnt:  # nothing learnt that carries over: a later rise is noise memorized
-        found.append(("not_learning", 0, f"the best validation loss, {evidence['best_loss']:.4g}, is no better than the "
-                      f"{evidence['base_loss']:.4g} of predicting the training base rates ({-gain[0]:+.3g} ± "
-                      f"{z * gain[1]:.2g})", f"check --label-column and the inputs; if they are right, try "
-                      f"--learning-rate {lr / 10:g} and {lr * 10:g}"))
+        found.append((
+            "not_learning", 0, f"the best validation loss, {evidence['best_loss']:.4g}, is no "
+            f"better than the {evidence['base_loss']:.4g} of predicting the training base rates "
+            f"({-gain[0]:+.3g} ± {z * gain[1]:.2g})", "check --label-column and the inputs; if "
+            f"they are right, try --learning-rate {lr / 10:g} and {lr * 10:g}"))
     elif (rose or lost) and fell:
-        gone = "; by the end it is no better than predicting the base rates" if lost else ""
-        found.append(("overfitting", b + 1, f"validation loss rose {rise[0]:+.3g} ± {z * rise[1]:.2g} after epoch "
-                      f"{best_epoch}, while training loss fell from {train[b]:.4g} to {train[-1]:.4g}{gone}",
-                      f"stop sooner: --early-stopping-patience {span} (or --epochs {best_epoch + span}); or "
-                      f"regularize: --weight-decay {max(10 * cfg.weight_decay, 0.01):g}"))
+        gone = "; by the end, no better than predicting the base rates" if lost else ""
+        found.append((
+            "overfitting", b + 1, f"validation loss rose {change}, while training loss fell from "
+            f"{train[b]:.4g} to {train[-1]:.4g}{gone}", f"stop sooner: --early-stopping-patience "
+            f"{span} (or --epochs {best_epoch + span}); or regularize: --weight-decay "
+            f"{max(10 * cfg.weight_decay, 0.01):g}"))
     elif lost:  # learnt, then lost it all without fitting the training rows better: a collapse
-        at = next(i for i in range(b + 1, end + 1) if history[i]["val_loss"] >= evidence["base_loss"] or i == end)
-        found.append(("not_learning", at, f"after epoch {best_epoch} the model fell back to the base rates: at the "
-                      f"end it beats them by {back[0]:+.3g} ± {z * back[1]:.2g}, within noise", lower_lr))
+        at = next(i for i in range(b + 1, end + 1)
+                  if history[i]["val_loss"] >= evidence["base_loss"] or i == end)
+        found.append((
+            "not_learning", at, f"after epoch {best_epoch} the model fell back to the base rates: "
+            f"at the end it beats them by {back[0]:+.3g} ± {z * back[1]:.2g}", lower_lr))
     elif rose:
-        found.append(("unstable", b + 1, f"validation loss rose {rise[0]:+.3g} ± {z * rise[1]:.2g} after epoch "
-                      f"{best_epoch} while training loss did not fall ({train[b]:.4g} -> {train[-1]:.4g})", lower_lr))
+        found.append((
+            "unstable", b + 1, f"validation loss rose {change} while training loss did not fall "
+            f"({train[b]:.4g} -> {train[-1]:.4g})", lower_lr))
     for i in range(1, len(train)):
         low = train[:i].min()
-        if train[i] > low * (1 + NOTE_LIMITS["spike_rise"]) and train[i] - low > NOTE_LIMITS["spike_share"] * (train[0] - low):
-            found.append(("unstable", i, f"training loss jumped to {train[i]:.4g}, from {low:.4g} before", lower_lr))
+        if train[i] > low * (1 + NOTE_LIMITS["spike_rise"]) and \
+                train[i] - low > NOTE_LIMITS["spike_share"] * (train[0] - low):
+            found.append(("unstable", i, f"training loss jumped to {train[i]:.4g}, from {low:.4g}",
+                          lower_lr))
             break
     clipped = [h.get("clipped", 0.0) for h in history]
     if np.mean(clipped) > NOTE_LIMITS["clipped"]:
-        found.append(("unstable", next(i for i, c in enumerate(clipped) if c > NOTE_LIMITS["clipped"]),
-                      f"{np.mean(clipped):.0%} of steps were clipped at --grad-clip {cfg.grad_clip:g}",
-                      f"raise --grad-clip ({cfg.grad_clip:g} -> {3 * cfg.grad_clip:g}), or {lower_lr}"))
+        clip = cfg.grad_clip
+        found.append((
+            "unstable", int(np.argmax(np.array(clipped) > NOTE_LIMITS["clipped"])),
+            f"{np.mean(clipped):.0%} of steps were clipped at --grad-clip {clip:g}",
+            f"raise --grad-clip ({clip:g} -> {3 * clip:g}), or {lower_lr}"))
     stopped_early = cfg.early_stopping_patience and epochs[-1] < cfg.epochs
     if rows["reference"] is not None and not stopped_early and epochs[-1] - best_epoch < span:
         evidence["improvement"] = gained = paired(rows["best"], rows["reference"])
         if gained[0] > z * gained[1] and gained[0] > evidence["material"]:
-            found.append(("still_improving", b, f"validation loss fell {gained[0]:.3g} ± {z * gained[1]:.2g} since "
-                          f"epoch {reference_epoch(cfg.epochs)}, and the best is epoch {best_epoch} of {epochs[-1]}",
-                          f"train longer: --epochs {2 * cfg.epochs}, or a higher --learning-rate ({lr:g} -> {lr * 3:g})"))
+            found.append((
+                "still_improving", b, f"validation loss fell {gained[0]:.3g} ± "
+                f"{z * gained[1]:.2g} since epoch {reference_epoch(cfg.epochs)}, the best being "
+                f"epoch {best_epoch} of {epochs[-1]}", f"train longer: --epochs {2 * cfg.epochs}, "
+                f"or a higher --learning-rate ({lr:g} -> {lr * 3:g})"))
     findings = [{"pattern": p, "epoch": epochs[i], "evidence": e, "suggestion": s}
                 for p, i, e, s in sorted(found, key=lambda f: f[1])]
-    order = [p for p in ("unstable", "not_learning", "overfitting", "still_improving") if any(p == f[0] for f in found)]
-    return {"verdict": (order or ["converged"])[0], "findings": findings, "evidence": evidence}
+    gravest = [p for p in ("unstable", "not_learning", "overfitting", "still_improving")
+               if any(p == f[0] for f in found)]
+    return {"verdict": (gravest or ["converged"])[0], "findings": findings, "evidence": evidence}
 
 
-def run_note(diagnosis: dict, history: list[dict], result: dict, cfg: TrainingConfig, title: str) -> str:
+def run_note(diagnosis: dict, history: list[dict], result: dict, cfg: TrainingConfig, title: str):
     """The run in words: the best and the last epoch and why they differ, what the curves imply and
     the numbers the verdict rests on, whether the run was stable, and what to change."""
     verdict, findings, evidence = diagnosis["verdict"], diagnosis["findings"], diagnosis["evidence"]
     if verdict is None:
-        return f"# Run note: {title}\n\nNo training history of this run to read: nothing to diagnose.\n"
-    z, best_epoch = NOTE_LIMITS["z"], result["best_epoch"]
-    best, start, end = history[[h["epoch"] for h in history].index(best_epoch)], history[0], history[-1]
+        return f"# Run note: {title}\n\nNo training history of this run to read.\n"
+    z, best_epoch, start, end = NOTE_LIMITS["z"], result["best_epoch"], history[0], history[-1]
+    best = history[[h["epoch"] for h in history].index(best_epoch)]
     key = cfg.best_metric.removeprefix("val_")
-    shown = [key] if key in result and key != "loss" else [k for k in result if isinstance(result[k], float)][1:2]
+    floats = [k for k in result if isinstance(result[k], float)]
+    shown = [key] if key in result and key != "loss" else floats[1:2]
     score = ", ".join(f"test {k} {result[k]:.4f}" for k in ["loss", *shown])
-    if best is end:
-        differ = "best_model.pt and last.pt hold the same epoch, the last"
-    else:
-        differ = (f"best_model.pt holds epoch {best_epoch}, last.pt epoch {end['epoch']} (where training ended, for "
-                  f"--resume): the best is chosen by {cfg.best_metric} alone "
-                  f"({'lower' if lower_is_better(cfg) else 'higher'} is better), and no later epoch beat its "
+    differ = "best_model.pt and last.pt hold the same epoch, the last"
+    if best is not end:
+        direction = "lower" if lower_is_better(cfg) else "higher"
+        differ = (f"best_model.pt holds epoch {best_epoch}, last.pt epoch {end['epoch']} (where "
+                  f"training ended, for --resume): the best is chosen by {cfg.best_metric} alone "
+                  f"({direction} is better), and no later epoch beat its "
                   f"{best[cfg.best_metric]:.4g}")
     (rise, se), material = evidence["rise"], evidence["material"]
+    change = f"{rise:+.3g} ± {z * se:.2g}"
     if best is end:
         moved = "the best epoch is the last"
     elif rise < -z * se:
-        moved = (f"validation loss is lower at the end than at the best epoch ({rise:+.3g} ± {z * se:.2g}): "
-                 f"{cfg.best_metric} and the loss disagree on which epoch is best")
+        moved = f"validation loss is lower at the end ({change}): {cfg.best_metric} chose another"
     elif rise <= z * se:
-        moved = f"validation loss at the end is within noise of the best ({rise:+.3g} ± {z * se:.2g})"
+        moved = f"validation loss at the end is within noise of the best ({change})"
     elif rise <= material:
-        moved = (f"validation loss rose a real but small {rise:+.3g} ± {z * se:.2g}, under the {material:.3g} "
+        moved = (f"validation loss rose by a real but small {change}, under the {material:.3g} "
                  "that would give back a tenth of what the model learnt")
     else:
-        moved = f"validation loss rose {rise:+.3g} ± {z * se:.2g} from the best to the end"
+        moved = f"validation loss rose {change} from the best to the end"
     if "gain" in evidence:
-        moved += f"; the best beats the base rates by {evidence['gain'][0]:.3g} ± {z * evidence['gain'][1]:.2g}"
+        gain = evidence["gain"]
+        moved += f"; the best beats the base rates by {gain[0]:.3g} ± {z * gain[1]:.2g}"
     norms = [h for h in history if "grad_norm" in h]  # recorded while clipping is on
     unstable = [f["evidence"] for f in findings if f["pattern"] == "unstable"]
     stability = "not stable: " + "; ".join(unstable) if unstable else "stable"
     if norms:
-        stability += (f". Gradient norm before clipping: mean {np.mean([h['grad_norm'] for h in norms]):.3g}, "
-                      f"largest {max(h['grad_norm_max'] for h in norms):.3g}; "
-                      f"{np.mean([h['clipped'] for h in norms]):.1%} of steps clipped at --grad-clip {cfg.grad_clip:g}")
-    first = findings[0] if findings else None
-    lines = [f"# Run note: {title}", "",
-             f"**Verdict: {verdict.replace('_', ' ')}.** Best epoch {best_epoch} of {end['epoch']}; {score}.", "",
-             f"- Best and last: {differ}.",
-             f"- The curves: training loss {start['train_loss']:.4g} -> {end['train_loss']:.4g}; validation loss "
-             f"{start['val_loss']:.4g} -> {best['val_loss']:.4g} (epoch {best_epoch})"
-             + ("" if best is end else f" -> {end['val_loss']:.4g} (epoch {end['epoch']})") + ".",
-             f"- The evidence, over {evidence['rows']} validation rows paired row by row (± two standard errors): "
-             f"{moved}.", f"- Stability: {stability}.",
-             f"- First finding: {first['pattern'].replace('_', ' ')} from epoch {first['epoch']}: {first['evidence']}."
-             if first else "- First finding: none; nothing to change."]
+        mean = np.mean([h["grad_norm"] for h in norms])
+        peak = max(h["grad_norm_max"] for h in norms)
+        clipped = np.mean([h["clipped"] for h in norms])
+        stability += (f". Gradient norm before clipping: mean {mean:.3g}, largest {peak:.3g}; "
+                      f"{clipped:.1%} of steps clipped at --grad-clip {cfg.grad_clip:g}")
+    first = "none; nothing to change"
     if findings:
-        lines += ["", "## What to change", *[f"- {f['pattern'].replace('_', ' ')}: {f['suggestion']}." for f in findings]]
+        f = findings[0]
+        first = f"{f['pattern'].replace('_', ' ')} from epoch {f['epoch']}: {f['evidence']}"
+    tail = "" if best is end else f" -> {end['val_loss']:.4g} (epoch {end['epoch']})"
+    lines = [f"# Run note: {title}", "",
+             f"**Verdict: {verdict.replace('_', ' ')}.** Best epoch {best_epoch} of "
+             f"{end['epoch']}; {score}.", "", f"- Best and last: {differ}.",
+             f"- The curves: training loss {start['train_loss']:.4g} -> {end['train_loss']:.4g}; "
+             f"validation loss {start['val_loss']:.4g} -> {best['val_loss']:.4g} "
+             f"(epoch {best_epoch}){tail}.",
+             f"- The evidence, over {evidence['rows']} validation rows paired row by row (± two "
+             f"standard errors): {moved}.", f"- Stability: {stability}.",
+             f"- First finding: {first}."]
+    if findings:
+        lines += ["", "## What to change"]
+        lines += [f"- {f['pattern'].replace('_', ' ')}: {f['suggestion']}." for f in findings]
     return "\n".join(lines) + "\n"
 
 
-def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int, findings: list) -> None:
+def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int, findings: list):
     """Loss, the best metric, the learning rate and the gradient norm by epoch; the best epoch
     marked, and where the run note's first finding began."""
     from matplotlib.figure import Figure  # imported here: only plotting pays for it; no GUI
@@ -1411,25 +1488,28 @@ def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int
 
     metric = cfg.best_metric if cfg.best_metric != "val_loss" else next(
         (k for k in history[0] if k.startswith("val_") and k != "val_loss"), "val_loss")
-    panels = {"Loss": ("train_loss", "val_loss"), f"Validation {metric[4:]}": (metric,), "Learning rate": ("lr",),
-              "Gradient norm before clipping": ("grad_norm", "grad_norm_max")}
+    panels = {"Loss": ("train_loss", "val_loss"), f"Validation {metric[4:]}": (metric,),
+              "Learning rate": ("lr",), "Gradient norm": ("grad_norm", "grad_norm_max")}
     fig = Figure(figsize=(18, 4.3))
     fig.suptitle(title, fontsize=10)
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.12, top=0.84, wspace=0.22)  # a layout engine: +0.1 s
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.12, top=0.84, wspace=0.22)  # layout: 0.1 s
     for ax, (name, keys) in zip(fig.subplots(1, 4), panels.items()):
         for key in [k for k in keys if k in history[-1]]:
             ax.plot([h["epoch"] for h in history], [h[key] for h in history], label=key)
         ax.axvline(best, color="gray", linestyle="--", label=f"best epoch ({best})")
         for f in findings[:1]:
-            ax.axvline(f["epoch"], color="tab:red", linestyle=":", label=f"{f['pattern'].replace('_', ' ')} from {f['epoch']}")
+            label = f"{f['pattern'].replace('_', ' ')} from {f['epoch']}"
+            ax.axvline(f["epoch"], color="tab:red", linestyle=":", label=label)
         ax.set(title=name, xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    if "grad_norm" in history[-1]:  # 0.1, 0.2, 0.5, 1: plain labels, as 10^x costs 0.3 s of mathtext
+    if "grad_norm" in history[-1]:  # 0.1, 0.2, 0.5, 1: plain labels; 10^x costs 0.3 s of mathtext
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     save_file(path_of(cfg, "loss_curve.png"), lambda f: fig.savefig(f, format="png"))
+
+
 # ============================================================================= machinery
 # What makes a run robust and pleasant, and a first reading skips: flags, files written whole,
 # random streams, torchrun's process group, the folder lock, signals, the progress bar and
@@ -1437,8 +1517,8 @@ def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int
 
 def parse_config(argv: list[str] | None = None, config_class=TrainingConfig) -> TrainingConfig:
     """Every field is a flag (`batch_size`: `--batch-size` or `--batch_size`), its comment the
-    help. A field may be bool, int, float, str, X | None ("none" is None), list[X] or tuple[X, ...]."""
-    source = Path(__file__).read_text() if Path(__file__).is_file() else ""  # a frozen app: no help
+    help. A field may be bool, int, float, str, X | None ("none": None), list[X], tuple[X, ...]."""
+    source = Path(__file__).read_text() if Path(__file__).is_file() else ""  # frozen: no help
     body = source.split(f"class {config_class.__name__}:", 1)[-1].split("\n\n\n", 1)[0]
     docs = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", body, re.M))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
@@ -1446,31 +1526,36 @@ def parse_config(argv: list[str] | None = None, config_class=TrainingConfig) -> 
     kinds, scalars = typing.get_type_hints(config_class), (int, float, str)
     for f in fields(config_class):
         kind, args = kinds[f.name], typing.get_args(kinds[f.name])
+        sequence = typing.get_origin(kind) in (list, tuple) and set(args) <= {*args[:1], ...}
         if kind is bool:
             options = {"action": argparse.BooleanOptionalAction}
         elif kind in scalars:
             options = {"type": kind, "metavar": kind.__name__.upper()}
         elif len(args) == 2 and type(None) in args and args[0] in scalars:
             options = {"type": lambda text, t=args[0]: None if text.lower() == "none" else t(text)}
-        elif typing.get_origin(kind) in (list, tuple) and args and args[0] in scalars and set(args) <= {args[0], ...}:
+        elif sequence and args and args[0] in scalars:
             options = {"type": args[0], "nargs": "*"}
         else:
-            fail(f"{config_class.__name__}.{f.name}: a field of type {kind} cannot be a flag; use bool, int, "
-                 "float, str, X | None, list[X] or tuple[X, ...] of those")
+            fail(f"{config_class.__name__}.{f.name}: a field of type {kind} cannot be a flag; use "
+                 "bool, int, float, str, X | None, list[X] or tuple[X, ...] of those")
         default = f.default if f.default_factory is MISSING else f.default_factory()
-        parser.add_argument("--" + f.name.replace("_", "-"), default=default, help=docs.get(f.name, ""), **options)
-    argv = [re.sub(r"^--[^=]+", lambda m: m[0].replace("_", "-"), a) for a in (sys.argv[1:] if argv is None else argv)]
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, default=default, help=docs.get(f.name, ""), **options)
+    argv = sys.argv[1:] if argv is None else argv
+    argv = [re.sub(r"^--[^=]+", lambda m: m[0].replace("_", "-"), a) for a in argv]
     for i in range(len(argv) - 1, 0, -1):  # "--predict -1.5,2": argparse would take it for a flag
         if argv[i - 1] == "--predict" and re.match(r"-[\d.]", argv[i]):
             argv[i - 1:i + 1] = [f"--predict={argv[i]}"]
     values = vars(parser.parse_args(argv))
-    return config_class(**{k: tuple(v) if typing.get_origin(kinds[k]) is tuple else v for k, v in values.items()})
+    tuples = {k for k in values if typing.get_origin(kinds[k]) is tuple}
+    return config_class(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
 
 
 def given_fields(argv: list[str]) -> set[str]:
     """The fields named on the command line: given, which is not the same as truthy."""
     names = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    return {n[3:] if n.startswith("no_") and n[3:] in TrainingConfig.__dataclass_fields__ else n for n in names}
+    known = TrainingConfig.__dataclass_fields__
+    return {n[3:] if n.startswith("no_") and n[3:] in known else n for n in names}
 
 
 def first_line(error: BaseException) -> str:
@@ -1494,14 +1579,14 @@ def check_storable(meta: dict) -> None:
         torch.save(meta, buffer)
         torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     except Exception as e:
-        fail(f"build_data's meta may hold only tensors, str, int, float, bool, None, and lists and dicts of "
-             f"them: {first_line(e)}")
+        fail("build_data's meta may hold only tensors, str, int, float, bool, None, and lists and "
+             f"dicts of them: {first_line(e)}")
 
 
 def save_file(path: Path, write) -> None:
     """Every output goes through here, on rank 0 alone. write(f) fills a temporary file beside
     `path`, then renamed over it: a kill at any instant leaves the old file or the new one, never
-    half of one. (No fsync: it guards against a power cut, not a kill, and cost a small run 0.3 s.)"""
+    half of one. (No fsync: it guards against power cuts, not kills, and cost 0.3 s.)"""
     if dist.is_initialized() and dist.get_rank() != 0:
         return  # under DDP every rank holds the same state: one writer
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -1511,8 +1596,8 @@ def save_file(path: Path, write) -> None:
             write(f)
         os.replace(tmp, path)
     except Exception as e:  # a full disk reaches torch.save as a RuntimeError, not an OSError
-        fail(f"could not write {path}: {getattr(e, 'strerror', None) or first_line(e)}; any previous "
-             f"{path.name} is untouched")
+        why = getattr(e, "strerror", None) or first_line(e)
+        fail(f"could not write {path}: {why}; any previous {path.name} is untouched")
     finally:
         with suppress(OSError):
             tmp.unlink()  # gone after the rename; left by a failure, or a stop mid-write
@@ -1523,8 +1608,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    """Readable JSON; a list (the history) one item a line, which stays fast at thousands of epochs."""
-    text = "[\n" + ",\n".join(map(json.dumps, obj)) + "\n]" if isinstance(obj, list) else json.dumps(obj, indent=2)
+    """Readable JSON; a list (the history) an item a line: fast even at thousands of epochs."""
+    text = json.dumps(obj, indent=2)
+    if isinstance(obj, list):
+        text = "[\n" + ",\n".join(map(json.dumps, obj)) + "\n]"
     save_file(path, lambda f: f.write((text + "\n").encode()))
 
 
@@ -1533,8 +1620,9 @@ def rng_states() -> list[dict]:
     function of seed and epoch). weights_only loads no ndarray: numpy's key travels as a list."""
     numpy_state = np.random.get_state(legacy=False)
     numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
-    return every_rank({"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
-                       "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return every_rank({"python": random.getstate(), "numpy": numpy_state,
+                       "torch": torch.get_rng_state(), "cuda": cuda})
 
 
 def restore_rng_states(states: dict) -> None:
@@ -1563,10 +1651,10 @@ def distributed(cfg: TrainingConfig):
         yield device, dist.get_rank(), dist.get_world_size()
         dist.barrier()  # the ranks leave together, once rank 0 has written everything
     finally:
-        # Destroyed, its threads joined, while Python is whole. A group alive at interpreter exit can
-        # have a gloo thread free a finished collective's tensors then: it needs the GIL, and aborts
-        # the process (SIGABRT, "terminate called without an active exception"), and torchrun kills
-        # the other ranks. DDP keeps its own group alive, so it gets one of its own (wrap_model).
+        # Destroyed, its threads joined, while Python is whole. A group alive at interpreter exit
+        # can have a gloo thread free a finished collective's tensors then: it needs the GIL and
+        # aborts the process (SIGABRT, "terminate called without an active exception"), and
+        # torchrun kills the other ranks. DDP keeps its group alive: it gets one of its own.
         gc.collect()
         dist.destroy_process_group()
 
@@ -1589,21 +1677,22 @@ def wrap_model(model: nn.Module, cfg: TrainingConfig, device: torch.device, worl
     """The model as evaluated (compiled with --compile) and as trained (in DDP under torchrun):
     one set of weights; checkpoints save `model` itself, with no prefixes."""
     if cfg.compile and device.type == "cpu" and not any(map(shutil.which, ("cc", "gcc", "clang"))):
-        fail("--compile on CPU needs a C++ compiler (gcc or clang) on PATH; install one, or drop --compile")
+        fail("--compile on CPU needs a C++ compiler (gcc or clang): install one, or drop it")
     eval_model = torch.compile(model) if cfg.compile else model
     if world == 1:
         return eval_model, eval_model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    # A group of its own: DDP holds its group to the end, so it is idle at exit (see distributed).
-    return eval_model, DistributedDataParallel(eval_model, device_ids=ids, process_group=dist.new_group())
+    group = dist.new_group()  # of its own: DDP holds its group to the end (see distributed)
+    return eval_model, DistributedDataParallel(eval_model, device_ids=ids, process_group=group)
 
 
 @contextmanager
-def one_run_per_folder(path: str, rank: int = 0):
+def one_run_per_folder(cfg: TrainingConfig, rank: int = 0):
     """Hold checkpoint_dir/.lock while the run lasts: a second run on the folder is refused in
     one line, instead of both overwriting each other's checkpoints."""
+    path = cfg.checkpoint_dir
     fcntl = None
     with suppress(ImportError):  # not POSIX: unguarded
         import fcntl
@@ -1613,12 +1702,13 @@ def one_run_per_folder(path: str, rank: int = 0):
     lock = Path(path) / ".lock"
     check_writable(lock.parent)
     with open(lock, "a+") as handle:
-        try:  # lockf, not flock: a DataLoader worker (a fork) that outlives a kill -9 holds no lockf
+        try:  # lockf, not flock: a DataLoader worker (a fork) outliving a kill -9 holds no lockf
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
-            fail(f"another run (pid {handle.read().strip() or '?'}) is using {path}; wait for it to end, "
-                 "or give this one another --checkpoint-dir")
+            holder = handle.read().strip() or "?"
+            fail(f"another run (pid {holder}) is using {path}; wait for it to end, or give this "
+                 "one another --checkpoint-dir")
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()
@@ -1640,7 +1730,7 @@ def signals_caught():
         name = signal.Signals(signum).name
         if stop["loop"] and stop["signal"] is None:
             stop["signal"] = signum
-            log.warning("%s: finishing the current step, then stopping (send it again to stop at once)", name)
+            log.warning("%s: finishing the current step, then stopping (again: at once)", name)
             return
         if os.environ.get("RANK", "0") == "0":
             print(f"stopped by {name}", file=sys.stderr)
@@ -1659,7 +1749,7 @@ def signals_caught():
 
 
 def stop_agreed(stop: dict, world: int) -> bool:
-    """Whether to stop now. Under DDP a signal may reach one rank alone: all stop if any was asked."""
+    """Whether to stop now. A signal may reach one rank alone: all stop if one is asked."""
     if world > 1:
         stop["signal"] = max(s or 0 for s in every_rank(stop["signal"])) or None
     return stop["signal"] is not None
@@ -1668,7 +1758,8 @@ def stop_agreed(stop: dict, world: int) -> bool:
 def exit_resumable(run: Run, stop: dict, argv: list[str]) -> None:
     """After a stop in the loop: plot what finished, say how to resume, exit 128 + the signal."""
     if run.progress["history"] and run.rank == 0:
-        plot_history(run.progress["history"], run.cfg, f"run {run.progress['run']}, stopped", run.progress["best_epoch"], [])
+        title = f"run {run.progress['run']}, stopped"
+        plot_history(run.progress["history"], run.cfg, title, run.progress["best_epoch"], [])
     launcher = ["torchrun", f"--nproc_per_node={run.world}"] if run.world > 1 else ["python"]
     again = shlex.join([*launcher, "train.py", *[a for a in argv if a != "--resume"], "--resume"])
     at = stop.get("at") or f"the end of epoch {run.progress['epoch']}"
@@ -1682,21 +1773,23 @@ def exit_resumable(run: Run, stop: dict, argv: list[str]) -> None:
 def live_view(run: Run):
     """Where epochs show besides the log: a tqdm bar when stderr is a terminal, and TensorBoard
     scalars under runs/ with --tensorboard (never a hard dependency)."""
-    view, left = {"bar": None, "writer": None}, run.rank == 0 and run.progress["epoch"] < run.cfg.epochs
+    view = {"bar": None, "writer": None}
+    left = run.rank == 0 and run.progress["epoch"] < run.cfg.epochs
     with ExitStack() as stack:
         if left and sys.stderr.isatty():
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            view["bar"] = stack.enter_context(tqdm(total=run.cfg.epochs, initial=run.progress["epoch"], unit="epoch"))
+            bar = tqdm(total=run.cfg.epochs, initial=run.progress["epoch"], unit="epoch")
+            view["bar"] = stack.enter_context(bar)
             stack.enter_context(logging_redirect_tqdm())  # log lines print above the bar
         if left and run.cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                log.warning("--tensorboard needs the tensorboard package: pip install tensorboard (going on without)")
+                log.warning("--tensorboard needs: pip install tensorboard (going on without it)")
             else:
-                logdir = Path("runs") / f"{Path(run.cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+                logdir = Path("runs") / f"{Path(run.cfg.dataset).stem}-{run.progress['run']}"
                 log.info("TensorBoard: tensorboard --logdir runs  (this run: %s)", logdir)
                 view["writer"] = stack.enter_context(SummaryWriter(str(logdir)))
         yield view
@@ -1707,11 +1800,12 @@ def show_epoch(run: Run, view: dict) -> None:
     last, cfg = run.progress["history"][-1], run.cfg
     if last["epoch"] in (1, cfg.epochs) or last["epoch"] % cfg.log_every == 0:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
-        log.info("epoch %3d/%d  train_loss %.4f  %s  lr %.2e  %.2fs", last["epoch"], cfg.epochs, last["train_loss"],
-                 scores, last["lr"], last["seconds"])
+        log.info("epoch %3d/%d  train_loss %.4f  %s  lr %.2e  %.2fs", last["epoch"], cfg.epochs,
+                 last["train_loss"], scores, last["lr"], last["seconds"])
     if view["bar"] is not None:
         view["bar"].update(1)
-        view["bar"].set_postfix(train_loss=f"{last['train_loss']:.4g}", val_loss=f"{last['val_loss']:.4g}")
+        view["bar"].set_postfix(train_loss=f"{last['train_loss']:.4g}",
+                                val_loss=f"{last['val_loss']:.4g}")
     for name, value in last.items() if view["writer"] is not None else ():
         if name not in ("epoch", "seconds"):
             view["writer"].add_scalar(name.replace("_", "/", 1), value, last["epoch"])
@@ -1725,25 +1819,26 @@ def predict_from_cli(cfg: TrainingConfig) -> list[str]:
     checkpoint = load_checkpoint(path)
     meta, rows = checkpoint["meta"], []
     if "preprocess" not in meta:
-        fail(f"--predict reads raw table rows, and {path} was trained on data of your own seam: load it "
-             "with model_from_checkpoint and call the model")
+        fail(f"--predict reads raw table rows, and {path} was trained on data of your own seam: "
+             "load it with model_from_checkpoint and call the model")
     names = meta["features"]
     is_file = False
     with suppress(OSError):  # a name too long for a file: rows, then
         is_file = Path(cfg.predict).is_file()
     if is_file or cfg.predict.lower().endswith(".csv"):
         try:
-            with open(cfg.predict, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not a name
+            with open(cfg.predict, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM, no name
                 rows = [r for r in csv.reader(f) if r]
         except OSError as e:
             fail(f"--predict {cfg.predict}: {e.strerror or e}")
         except (UnicodeDecodeError, csv.Error) as e:
-            fail(f"--predict {cfg.predict}: not a UTF-8 CSV file ({first_line(e)}); save it as UTF-8 text")
+            fail(f"--predict {cfg.predict}: not a UTF-8 CSV file ({first_line(e)})")
         header = [c.strip() for c in rows[0]] if rows else []
         if set(names) <= set(header):
             short = [i for i, r in enumerate(rows[1:], 1) if len(r) != len(header)]
             if short:  # a row that lost a cell is never read out of line with the header
-                fail(f"--predict row {short[0]} has {len(rows[short[0]])} values, and the header {len(header)}")
+                cells = len(rows[short[0]])
+                fail(f"--predict row {short[0]} has {cells} values, and the header {len(header)}")
             rows = [dict(zip(header, r)) for r in rows[1:]]
     else:
         rows = [r.split(",") for r in cfg.predict.split(";") if r.strip()]
@@ -1756,13 +1851,14 @@ def predict_from_cli(cfg: TrainingConfig) -> list[str]:
     outputs = predict(model_from_checkpoint(checkpoint, path), inputs)
     bad = (~torch.isfinite(outputs)).any(dim=-1).nonzero().flatten().tolist()
     if bad:
-        fail(f"--predict row {bad[0] + 1}: the model's output is not finite (values near float32's limit?)")
+        fail(f"--predict row {bad[0] + 1}: the model's output is not finite (a huge value?)")
     for name, count in unseen.items():
         if count:
-            log.warning("%d row(s) have a %r category training never saw: they use its 'other' slot", count, name)
-    cells = [[r[n] for n in names] if isinstance(r, dict) else r for r in rows]
-    said = build_objective(meta, config_of(checkpoint)).describe(outputs)
-    lines = [f"{', '.join(str(c).strip() for c in row)} -> {text}" for row, text in zip(cells, said)]
+            log.warning("%d row(s) have a %r category training never saw: it counts as other",
+                        count, name)
+    raw = [[r[n] for n in names] if isinstance(r, dict) else r for r in rows]
+    texts = build_objective(meta, config_of(checkpoint)).describe(outputs)
+    lines = [", ".join(str(c).strip() for c in row) + f" -> {t}" for row, t in zip(raw, texts)]
     print("\n".join(lines))
     return lines
 

@@ -42,9 +42,9 @@ BAD_INPUTS = {
     "empty file": (["--dataset", "{empty}"], "the file is empty"),
     "header only": (["--dataset", "{header}", "--label-column", "y"], "has no rows"),
     "missing label column": (["--dataset", "{good}", "--label-column", "species"], "columns are: a, b, y"),
-    "non-numeric value": (["--dataset", "{text}", "--label-column", "y"], "non-numeric value 'abc' in data row 2"),
+    "non-numeric value": (["--dataset", "{text}", "--label-column", "y"], "holds a word, 'abc', among numbers in row 2"),
     "missing value, strict": (["--dataset", "{hole}", "--label-column", "y", "--missing", "error"],
-                              "column 'b' has a blank cell in data row 2"),
+                              "column 'b' has a blank cell in row 2"),
     "infinite value": (["--dataset", "{inf}", "--label-column", "y"], "input 'b' holds infinite values"),
     "unknown missing policy": (["--missing", "drop"], "--missing 'drop' is unknown"),
     "unknown categorical column": (["--categorical-columns", "colour"], "colour cannot be inputs"),
@@ -141,7 +141,7 @@ def test_a_damaged_checkpoint_is_refused_clearly(tmp_path, damage):
             checkpoint["model"] = train.build_model((7,), 3, train.TrainingConfig()).state_dict()
         torch.save(checkpoint, last)
     expected = {"truncated": "not a readable checkpoint", "garbage": "not a readable checkpoint",
-                "old version": "not written by this train.py", "other model": "shaped for another model"}[damage]
+                "old version": "not of this train.py", "other model": "shaped for another model"}[damage]
     with pytest.raises(SystemExit, match=expected):
         train.main(flags(tmp_path, source, "--resume", epochs=2))
     assert best.read_bytes() == best_bytes

@@ -252,7 +252,7 @@ def test_a_warm_run_says_what_became_of_every_column_as_a_cold_one_does(tmp_path
         said.append([line for line in caplog.messages if line.startswith("column ")])
     assert said[0] == said[1]
     assert "column customer_id: left out (an id-like name)" in said[0]
-    assert any(line.startswith("column age: numeric, ") and "blank cells filled" in line for line in said[0])
+    assert any(line.startswith("column age: numeric, ") and "blanks, filled with" in line for line in said[0])
     assert any(line.startswith("column city: categorical, 5 categories") for line in said[0])
 
 

@@ -118,7 +118,7 @@ def test_a_true_false_column_trains_and_predicts(tmp_path):
 def test_a_class_of_two_rows_trains_and_is_named(tmp_path, caplog):
     rows = [f"{i},{'ab'[i % 2]}" for i in range(40)] + ["100,rare", "101,rare"]
     data = data_of(tmp_path, rows_csv(tmp_path / "rare.csv", "a,y", rows))
-    assert "class 'rare' has 2 row(s): too few for val and test, so all of them train" in caplog.text
+    assert "class 'rare' has 2 row(s): too few for val and test, so all train" in caplog.text
     assert data["meta"]["class_counts"][data["meta"]["classes"].index("rare")] == 2
 
 
