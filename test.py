@@ -25,7 +25,7 @@ import train
 SLICE = 48  # rows of each split the checks use: a few batches, fast on any model
 # Said where a check only holds for a model whose output for a row does not depend on the other
 # rows of its batch: BatchNorm in training mode breaks that.
-BATCH_INDEPENDENT = "this check needs outputs that do not depend on the rest of the batch (BatchNorm breaks that)"
+BATCH_INDEPENDENT = "this check needs outputs that do not depend on the rest of the batch"
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", connect)
 
 
-# ----------------------------------------------------------------------------- your seams, on a slice
+# ------------------------------------------------------------------------ your seams, on a slice
 
 def cut(split, n: int):
     """The first n rows of a split: tensors, or a torch Dataset."""
@@ -55,8 +55,9 @@ def cut(split, n: int):
 def cfg(tmp_path_factory) -> train.TrainingConfig:
     """Your defaults, with the run's outputs in a temporary folder."""
     root = tmp_path_factory.mktemp("run")
-    return replace(train.TrainingConfig(), checkpoint_dir=str(root / "checkpoints"), resume=False,
-                   output_dir=str(root / "training-loop"), eval_only=False, predict=None, tensorboard=False)
+    return replace(train.TrainingConfig(), checkpoint_dir=str(root / "checkpoints"),
+                   output_dir=str(root / "training-loop"), resume=False, eval_only=False,
+                   predict=None, tensorboard=False)
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +89,10 @@ def inputs_of(split) -> torch.Tensor:
     return torch.cat([xb for xb, _ in train.iterate_batches(split, 1024)])
 
 
+def sgd(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr)
+
+
 def params(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -100,8 +105,9 @@ def flags(cfg, *extra: str, epochs: int = 3) -> list[str]:
     """A short run of your defaults, its files in cfg's temporary folders: only the length is set
     (epochs, and a batch that gives each epoch several optimizer steps)."""
     batch = max(1, SLICE // (4 * cfg.grad_accum_steps))
-    return ["--checkpoint-dir", cfg.checkpoint_dir, "--output-dir", cfg.output_dir, "--epochs", str(epochs),
-            "--batch-size", str(batch), "--save-every-steps", "0", "--no-resume", "--log-every", "1", *extra]
+    return ["--checkpoint-dir", cfg.checkpoint_dir, "--output-dir", cfg.output_dir,
+            "--epochs", str(epochs), "--batch-size", str(batch), "--save-every-steps", "0",
+            "--no-resume", "--log-every", "1", *extra]
 
 
 @pytest.fixture
@@ -112,7 +118,8 @@ def sliced(monkeypatch, data):
 
 @pytest.fixture
 def fresh(cfg, tmp_path) -> train.TrainingConfig:
-    return replace(cfg, checkpoint_dir=str(tmp_path / "checkpoints"), output_dir=str(tmp_path / "training-loop"))
+    return replace(cfg, checkpoint_dir=str(tmp_path / "checkpoints"),
+                   output_dir=str(tmp_path / "training-loop"))
 
 
 # ----------------------------------------------------------------------------- the seams' contracts
@@ -128,8 +135,9 @@ def test_the_model_returns_raw_outputs_shaped_for_the_objective(data, objective,
     with torch.no_grad():
         out = model(inputs_of(data["val"]))
     assert out.shape == (train.split_rows(data["val"]), objective.outputs)
-    probabilities = bool((out >= 0).all()) and torch.allclose(out.sum(-1), torch.ones(len(out)), atol=1e-4)
-    assert objective.outputs == 1 or not probabilities, "return logits: the objective applies the softmax"
+    sums_to_one = torch.allclose(out.sum(-1), torch.ones(len(out)), atol=1e-4)
+    probabilities = bool((out >= 0).all()) and sums_to_one
+    assert objective.outputs == 1 or not probabilities, "return logits: the objective has softmax"
 
 
 def test_the_objective_scores_whole_splits_in_any_row_order(data, objective, cfg):
@@ -144,27 +152,27 @@ def test_the_objective_scores_whole_splits_in_any_row_order(data, objective, cfg
     assert len(objective.describe(out.detach())) == len(y)
     if objective.baseline is not None:
         assert objective.baseline.shape == (objective.outputs,)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # under DDP rows come by rank
-    scores, shuffled = objective.metrics(out.detach(), y), objective.metrics(out.detach()[order], y[order])
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # DDP: rank by rank
+    out = out.detach()
+    scores, shuffled = objective.metrics(out, y), objective.metrics(out[order], y[order])
     assert scalars(scores) == pytest.approx(scalars(shuffled), rel=1e-4, abs=1e-6, nan_ok=True)
-    assert cfg.best_metric == "val_loss" or cfg.best_metric.removeprefix("val_") in scores, \
-        f"--best-metric {cfg.best_metric}: your objective's metrics have no {cfg.best_metric.removeprefix('val_')!r}"
+    key = cfg.best_metric.removeprefix("val_")
+    assert key == "loss" or key in scores, f"--best-metric {cfg.best_metric}: no {key!r} metric"
 
 
-# ----------------------------------------------------------------------------- the loop, a piece at a time
+# ------------------------------------------------------------------------ the loop, piece by piece
 
-def test_training_runs_in_train_mode_and_evaluation_in_eval_mode_without_a_graph(data, objective, cfg):
+def test_training_in_train_mode_and_evaluation_in_eval_mode_without_a_graph(data, objective, cfg):
     model = new_model(data, objective, cfg)
     seen = []
-    model.register_forward_hook(lambda module, args, out: seen.append((module.training, out.requires_grad)))
+    model.register_forward_hook(lambda m, args, out: seen.append((m.training, out.requires_grad)))
     model.eval()  # a loop that forgets model.train() stays here
-    train.train_one_epoch(model, batches(data["train"], 16), torch.optim.SGD(model.parameters(), lr=0.01),
-                          objective.loss)
-    assert seen and all(training and grad for training, grad in seen), "train_one_epoch must call model.train()"
+    train.train_one_epoch(model, batches(data["train"], 16), sgd(model), objective.loss)
+    assert seen and all(mode and grad for mode, grad in seen), "training must call model.train()"
     seen.clear()
     train.evaluate(model, batches(data["val"], 16), objective)
-    assert seen and all(not training for training, _ in seen), "evaluate must call model.eval()"
-    assert not any(grad for _, grad in seen), "evaluate must run without autograd (torch.inference_mode)"
+    assert seen and all(not mode for mode, _ in seen), "evaluate must call model.eval()"
+    assert not any(grad for _, grad in seen), "evaluate must run without autograd (inference_mode)"
 
 
 def test_gradients_are_zeroed_before_every_step(data, objective, cfg):
@@ -172,10 +180,10 @@ def test_gradients_are_zeroed_before_every_step(data, objective, cfg):
     model = new_model(data, objective, cfg)
     reference = copy.deepcopy(model)
     torch.manual_seed(1)  # the same dropout masks in both
-    train.train_one_epoch(model, steps, torch.optim.SGD(model.parameters(), lr=0.01), objective.loss)
+    train.train_one_epoch(model, steps, sgd(model), objective.loss)
     torch.manual_seed(1)
     reference.train()
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.01)
+    optimizer = sgd(reference)
     for xb, yb in steps:  # a fresh gradient for each step, by hand
         optimizer.zero_grad(set_to_none=True)
         objective.loss(reference(xb), yb).backward()
@@ -187,20 +195,22 @@ def test_gradients_are_zeroed_before_every_step(data, objective, cfg):
 def test_the_training_loss_is_averaged_over_rows_not_batches(data, objective, cfg):
     uneven = batches(data["train"], 20)  # 48 rows: 20, 20 and 8
     model = new_model(data, objective, cfg)
-    frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # every batch sees the same weights
+    frozen = sgd(model, lr=0.0)  # every batch sees the same weights
     torch.manual_seed(1)
     got = train.train_one_epoch(model, uneven, frozen, objective.loss)["loss"]
     torch.manual_seed(1)  # the same forward passes, dropout included, added up by hand
     with torch.no_grad():
         losses = [(objective.loss(model(xb), yb).item(), len(yb)) for xb, yb in uneven]
-    assert got == pytest.approx(sum(loss * n for loss, n in losses) / sum(n for _, n in losses), rel=1e-5)
+    by_rows = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+    assert got == pytest.approx(by_rows, rel=1e-5)
 
 
 def test_evaluation_does_not_depend_on_the_batch_size(data, objective, cfg):
     model = new_model(data, objective, cfg)
     small, _, _ = train.evaluate(model, batches(data["val"], 7), objective)
     whole, _, _ = train.evaluate(model, batches(data["val"], 1024), objective)
-    assert scalars(small) == pytest.approx(scalars(whole), rel=1e-5, abs=1e-6, nan_ok=True), BATCH_INDEPENDENT
+    assert scalars(small) == pytest.approx(scalars(whole), rel=1e-5, abs=1e-6, nan_ok=True), \
+        BATCH_INDEPENDENT
 
 
 def test_the_running_loss_keeps_no_steps_graph_alive(data, objective, cfg):
@@ -221,23 +231,24 @@ def test_the_running_loss_keeps_no_steps_graph_alive(data, objective, cfg):
         return objective.loss(Marker.apply(out), y)
 
     model = new_model(data, objective, cfg)
-    train.train_one_epoch(model, batches(data["train"], 8), torch.optim.SGD(model.parameters(), lr=0.01), loss_fn)
+    train.train_one_epoch(model, batches(data["train"], 8), sgd(model), loss_fn)
     assert len(alive) == 6
 
 
-def test_clipping_cuts_each_steps_gradient_after_backward_and_records_the_norm_before(data, objective, cfg):
+def test_clipping_cuts_gradients_after_backward_and_records_the_norm_before(data, objective, cfg):
     step = batches(data["train"], SLICE)
     model = new_model(data, objective, cfg)
     torch.manual_seed(1)
     model.train()
     objective.loss(model(step[0][0]), step[0][1]).backward()
-    norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item()
+    norm = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm()
+    norm = norm.item()
     before = params(model)
     torch.manual_seed(1)
-    trained = train.train_one_epoch(model, step, torch.optim.SGD(model.parameters(), lr=1.0), objective.loss,
+    trained = train.train_one_epoch(model, step, sgd(model, lr=1.0), objective.loss,
                                     grad_clip=norm / 10)
     moved = torch.cat([(a - b).flatten() for a, b in zip(params(model), before)]).norm().item()
-    assert moved == pytest.approx(norm / 10, rel=1e-3), "clip after backward(), before the optimizer step"
+    assert moved == pytest.approx(norm / 10, rel=1e-3), "clip after backward(), before the step"
     assert trained["grad_norm"] == pytest.approx(norm, rel=1e-4) and trained["clipped"] == 1.0
 
 
@@ -250,12 +261,12 @@ def test_a_float16_grad_scaler_changes_the_scale_not_the_update(data, objective,
         for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**14)):
             model = new_model(data, objective, cfg)
             torch.manual_seed(1)
-            train.train_one_epoch(model, batches(data["train"], 16), torch.optim.SGD(model.parameters(), lr=0.01),
-                                  objective.loss, scaler=scaler, grad_clip=grad_clip)
+            train.train_one_epoch(model, batches(data["train"], 16), sgd(model), objective.loss,
+                                  scaler=scaler, grad_clip=grad_clip)
             moves.append([after - before for after, before in zip(params(model), start)])
         for plain, scaled in zip(*moves):
             torch.testing.assert_close(scaled, plain, rtol=1e-3, atol=1e-9,
-                                       msg="scale the loss, unscale before clipping, step the scaler")
+                                       msg="scale the loss, unscale before clipping, step scaler")
 
 
 def test_a_step_scheduler_steps_once_per_optimizer_step(data, objective, cfg):
@@ -263,7 +274,8 @@ def test_a_step_scheduler_steps_once_per_optimizer_step(data, objective, cfg):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     # 48 rows in batches of 8, a step every 2 micro-batches: 3 steps
-    train.train_one_epoch(model, batches(data["train"], 8), optimizer, objective.loss, scheduler, accum_steps=2)
+    train.train_one_epoch(model, batches(data["train"], 8), optimizer, objective.loss, scheduler,
+                          accum_steps=2)
     assert scheduler.last_epoch == 3 and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / 4)
 
 
@@ -272,26 +284,27 @@ def test_accumulated_micro_batches_step_once_on_their_average_gradient(data, obj
     accumulated = new_model(data, objective, cfg)
     reference = copy.deepcopy(accumulated)
     torch.manual_seed(1)
-    train.train_one_epoch(accumulated, micro, torch.optim.SGD(accumulated.parameters(), lr=0.01), objective.loss,
-                          accum_steps=3)
+    train.train_one_epoch(accumulated, micro, sgd(accumulated), objective.loss, accum_steps=3)
     torch.manual_seed(1)
     reference.train()
     for xb, yb in micro:  # by hand: three backward passes of loss / 3, then one step
         (objective.loss(reference(xb), yb) / 3).backward()
-    torch.optim.SGD(reference.parameters(), lr=0.01).step()
+    sgd(reference).step()
     for a, b in zip(accumulated.parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_bfloat16_autocast_trains_float32_weights(data, objective, cfg):
-    dtype = train.resolve_amp_dtype(replace(cfg, use_amp=True, amp_dtype="auto"), torch.device("cpu"))
+    amp = replace(cfg, use_amp=True, amp_dtype="auto")
+    dtype = train.resolve_amp_dtype(amp, torch.device("cpu"))
     assert dtype == torch.bfloat16
     model = new_model(data, objective, cfg)
     before = params(model)
-    trained = train.train_one_epoch(model, batches(data["train"], 16), torch.optim.SGD(model.parameters(), lr=0.01),
-                                    objective.loss, amp_dtype=dtype)
-    assert np.isfinite(trained["loss"]) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps float32 weights
+    trained = train.train_one_epoch(model, batches(data["train"], 16), sgd(model), objective.loss,
+                                    amp_dtype=dtype)
+    moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert np.isfinite(trained["loss"]) and moved
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # float32 master weights
 
 
 def test_your_optimizer_and_scheduler_go_on_exactly_from_their_state(data, objective, cfg):
@@ -311,8 +324,8 @@ def test_your_optimizer_and_scheduler_go_on_exactly_from_their_state(data, objec
     model, optimizer, scheduler, when = build()
     assert when in ("step", "epoch", "metric")
     steps(model, optimizer, scheduler, when, 3)
-    saved = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-             "scheduler": None if scheduler is None else copy.deepcopy(scheduler.state_dict())}
+    saved = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict() if scheduler else None})
     resumed, optimizer2, scheduler2, _ = build()  # as --resume builds them, then loads their state
     resumed.load_state_dict(saved["model"])
     optimizer2.load_state_dict(saved["optimizer"])
@@ -327,7 +340,7 @@ def test_your_optimizer_and_scheduler_go_on_exactly_from_their_state(data, objec
         assert torch.equal(a, b), "a resumed optimizer or scheduler must go on exactly"
 
 
-# ----------------------------------------------------------------------------- the loop as main() drives it
+# ------------------------------------------------------------------------ the loop, as main runs it
 
 def spy(monkeypatch, monitored: list | None = None) -> dict:
     """Record the inputs of every batch main() trains and validates on, and the weights at each
@@ -347,7 +360,7 @@ def spy(monkeypatch, monitored: list | None = None) -> dict:
             seen["val"].append(torch.cat([xb for xb, _ in batches]).cpu())
             seen["weights"].append(copy.deepcopy(model.state_dict()))
             if monitored is not None:
-                key = train.TrainingConfig().best_metric.removeprefix("val_")
+                key = train.TrainingConfig().best_metric.removeprefix("val_")  # your default
                 result = {**result, key: monitored[len(seen["val"]) - 1]}
         return result, rows, y
 
@@ -360,22 +373,24 @@ def multiset(x: torch.Tensor) -> list:
     return sorted(map(tuple, x.flatten(1).tolist()))
 
 
-def test_each_epoch_shuffles_the_training_rows_and_validates_on_the_validation_rows(monkeypatch, sliced, data, fresh):
+def test_each_epoch_shuffles_training_rows_and_validates_on_validation_rows(monkeypatch, sliced,
+                                                                             data, fresh):
     seen = spy(monkeypatch)
     train.main(flags(fresh))
     train_x, val_x = inputs_of(data["train"]), inputs_of(data["val"])
     assert len(seen["train"]) == 3 and len(seen["val"]) == 3
     for rows in seen["train"]:
-        assert multiset(rows) == multiset(train_x), "each epoch trains on every training row once, and no other"
+        assert multiset(rows) == multiset(train_x), "an epoch trains on every training row, once"
     assert not torch.equal(seen["train"][0], train_x), "training batches must be shuffled"
     assert not torch.equal(seen["train"][0], seen["train"][1]), "each epoch must be shuffled anew"
     for rows in seen["val"]:
-        assert multiset(rows) == multiset(val_x), "validation runs on the validation rows, and only them"
+        assert multiset(rows) == multiset(val_x), "validation runs on the validation rows alone"
 
 
-def test_the_best_checkpoint_is_the_best_monitored_epoch_not_the_last(monkeypatch, sliced, cfg, fresh):
+def test_the_best_checkpoint_is_the_best_monitored_epoch_not_the_last(monkeypatch, sliced, cfg,
+                                                                       fresh):
     lower = train.lower_is_better(cfg)
-    values = [0.9, 0.5, 0.7, 0.8] if lower else [0.1, 0.5, 0.3, 0.2]  # epoch 2 is the best either way
+    values = [0.9, 0.5, 0.7, 0.8] if lower else [0.1, 0.5, 0.3, 0.2]  # epoch 2 is the best
     seen = spy(monkeypatch, values)
     summary = train.main(flags(fresh, epochs=4))
     best = torch.load(os.path.join(fresh.checkpoint_dir, "best_model.pt"), weights_only=True)
@@ -387,9 +402,10 @@ def test_the_best_checkpoint_is_the_best_monitored_epoch_not_the_last(monkeypatc
         assert os.path.getsize(os.path.join(fresh.output_dir, name)) > 0
 
 
-def test_a_stop_mid_epoch_resumes_to_the_same_weights_as_a_run_never_stopped(monkeypatch, sliced, cfg, tmp_path):
-    whole, stopped = (replace(cfg, checkpoint_dir=str(tmp_path / d / "ck"), output_dir=str(tmp_path / d / "out"))
-                      for d in ("whole", "stopped"))
+def test_a_stop_mid_epoch_resumes_to_the_same_weights_as_a_run_never_stopped(monkeypatch, sliced,
+                                                                              cfg, tmp_path):
+    whole, stopped = (replace(cfg, checkpoint_dir=str(tmp_path / d / "ck"),
+                              output_dir=str(tmp_path / d / "out")) for d in ("whole", "stopped"))
     train.main(flags(whole))
     real, calls = train.train_one_epoch, []
 
@@ -412,18 +428,20 @@ def test_a_stop_mid_epoch_resumes_to_the_same_weights_as_a_run_never_stopped(mon
     with pytest.raises(SystemExit) as stop:
         train.main(flags(stopped))
     assert stop.value.code == 128 + signal.SIGTERM
-    position = torch.load(os.path.join(stopped.checkpoint_dir, "last.pt"), weights_only=True)["position"]
-    assert position is not None and position["epoch"] == 2, "a stop must save the step it stopped at"
+    last = torch.load(os.path.join(stopped.checkpoint_dir, "last.pt"), weights_only=True)
+    assert last["position"] and last["position"]["epoch"] == 2, "a stop saves the step it stops at"
     monkeypatch.setattr(train, "train_one_epoch", real)
     train.main(flags(stopped, "--resume"))
-    a, b = (torch.load(os.path.join(c.checkpoint_dir, "last.pt"), weights_only=True) for c in (whole, stopped))
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "a resume must go on exactly"
-    histories = [[{k: v for k, v in h.items() if k != "seconds"} for h in json.loads(c["progress"]["history"])]
+    a, b = (torch.load(os.path.join(c.checkpoint_dir, "last.pt"), weights_only=True)
+            for c in (whole, stopped))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "resume exactly"
+    histories = [[{k: v for k, v in h.items() if k != "seconds"} for h in json.loads(c["progress"]
+                                                                                    ["history"])]
                  for c in (a, b)]
     assert histories[0] == histories[1], "the resumed epoch must keep its partial training loss"
 
 
-# ----------------------------------------------------------------------------- the table pipeline
+# ------------------------------------------------------------------------ the table pipeline
 
 @pytest.fixture
 def table(full_data):
@@ -436,9 +454,10 @@ def test_splits_are_disjoint_stratified_and_reproducible(cfg):
     y = np.repeat([0, 1, 2], [40, 60, 100])
     split = replace(cfg, val_fraction=0.2, test_fraction=0.1, seed=5)
     parts = train.split_indices(y, len(y), split, ["a", "b", "c"])
-    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(200))  # disjoint, complete
+    assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(200))  # a partition
     for name, share in (("test", 0.1), ("val", 0.2)):
-        assert np.bincount(y[parts[name]]).tolist() == [round(n * share) for n in (40, 60, 100)], name
+        expected = [round(n * share) for n in (40, 60, 100)]
+        assert np.bincount(y[parts[name]]).tolist() == expected, name
     again = train.split_indices(y, len(y), split, ["a", "b", "c"])
     other = train.split_indices(y, len(y), replace(split, seed=6), ["a", "b", "c"])
     assert all(np.array_equal(again[k], parts[k]) for k in parts)
@@ -447,11 +466,11 @@ def test_splits_are_disjoint_stratified_and_reproducible(cfg):
 
 def test_inputs_are_standardized_by_the_training_rows_alone(table):
     meta, x = table["meta"], table["train"][0]
-    flags_ = [name.split("=")[0] != name or name.endswith(" was missing") for name in meta["inputs"]]
-    numbers = torch.tensor([not f for f in flags_])
-    torch.testing.assert_close(x[:, numbers].mean(0), torch.zeros(int(numbers.sum())), atol=1e-4, rtol=0)
+    numbers = torch.tensor(["=" not in n and "was missing" not in n for n in meta["inputs"]])
+    zeros = torch.zeros(int(numbers.sum()))
+    torch.testing.assert_close(x[:, numbers].mean(0), zeros, atol=1e-4, rtol=0)
     held_out = torch.cat([table["val"][0], table["test"][0]])[:, numbers]
-    assert not torch.allclose(held_out.mean(0), torch.zeros(int(numbers.sum())), atol=1e-3), \
+    assert not torch.allclose(held_out.mean(0), zeros, atol=1e-3), \
         "normalization statistics must come from the training rows alone"
 
 
@@ -464,10 +483,11 @@ def test_raw_rows_become_the_inputs_the_run_trained_on(table, cfg):
     assert not any(unseen.values())
 
 
-# ----------------------------------------------------------------------------- the config
+# ------------------------------------------------------------------------ the config
 
 def test_every_field_is_a_flag_in_either_spelling_and_documented():
-    cfg = train.parse_config(["--batch-size", "8", "--learning_rate=0.5", "--use-amp", "--no-resume"])
+    cfg = train.parse_config(["--batch-size", "8", "--learning_rate=0.5", "--use-amp",
+                              "--no-resume"])
     assert (cfg.batch_size, cfg.learning_rate, cfg.use_amp, cfg.resume) == (8, 0.5, True, False)
     assert train.parse_config([]) == train.TrainingConfig()
     with pytest.raises(SystemExit):

@@ -230,31 +230,7 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig, steps_per_epoch: int)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
 
 
-# ============================================================================= device and batches
-
-def get_best_device(requested: str = "auto") -> torch.device:
-    if requested == "auto" and torch.cuda.is_available():
-        return torch.device("cuda")
-    if requested == "auto":
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-        torch.empty(0, device=device)  # raises where there is no such device
-    except (RuntimeError, AssertionError):
-        fail(f"--device {requested!r} is not a device of this machine; use auto, cpu, cuda or mps")
-    return device
-
-
-def resolve_amp_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for float32 throughout."""
-    if not cfg.use_amp:
-        return None
-    if cfg.amp_dtype == "float16" and device.type != "cuda":
-        fail(f"--amp-dtype float16 needs a CUDA device (this run uses {device}); use bfloat16")
-    if cfg.amp_dtype == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
-
+# ============================================================================= batches
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -379,17 +355,6 @@ def predict(model, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     return torch.cat([model(xb.to(device)).float().cpu() for xb in x.split(batch_size)])
 
 
-def with_last(items):
-    """(item, is_last) pairs: a loop over a generator that knows its final item."""
-    iterator = iter(items)
-    previous = next(iterator, with_last)  # with_last itself stands for "no item"
-    for item in iterator:
-        yield previous, False
-        previous = item
-    if previous is not with_last:
-        yield previous, True
-
-
 # ============================================================================= checkpoints, resume
 
 CHECKPOINT_VERSION = 3
@@ -452,13 +417,6 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def load_weights(model: nn.Module, checkpoint: dict, path) -> None:
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError) as e:
-        fail(f"{path} holds weights shaped for another model or data: {first_line(e)}")
-
-
 def model_from_checkpoint(checkpoint: dict, path="the checkpoint") -> nn.Module:
     """The model a checkpoint holds: build_model as recorded, its weights, eval mode, on the CPU."""
     model = build_model(**checkpoint["model_args"], cfg=config_of(checkpoint))
@@ -466,24 +424,11 @@ def model_from_checkpoint(checkpoint: dict, path="the checkpoint") -> nn.Module:
     return model.eval()
 
 
-def config_of(checkpoint: dict) -> TrainingConfig:
-    saved, known = checkpoint["config"], TrainingConfig.__dataclass_fields__
-    return replace(TrainingConfig(), **{k: saved[k] for k in saved if k in known})
-
-
 def check_same_data(checkpoint: dict, path: Path, meta: dict) -> None:
     """Refuse a checkpoint of a run on other data: meta, the data's own description, differs."""
     if digest(checkpoint["meta"]) != digest(meta):
         fail(f"{path} belongs to a run on other data (rows added, removed or edited, or other data "
              "settings): restore the data, or start a new run with another --checkpoint-dir")
-
-
-def digest(obj) -> str:
-    """A fingerprint of plain values and tensors."""
-    def tensor(t):
-        return hashlib.sha256(t.numpy().tobytes()).hexdigest() + str(tuple(t.shape)) + str(t.dtype)
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=tensor).encode()).hexdigest()
 
 
 def resumed_config(cfg: TrainingConfig, given: set[str], last: dict) -> TrainingConfig:
@@ -529,19 +474,6 @@ def restore(run: Run, last: dict) -> None:
     at = f"epoch {position['epoch']}, step {position['steps']} of {run.steps}" if position else \
         f"the end of epoch {run.progress['epoch']}"
     log.info("resumed from %s at %s", path, at)
-
-
-def refuse_unfinished(cfg: TrainingConfig) -> None:
-    """A run started without --resume over one that stopped part-way would overwrite it."""
-    path = path_of(cfg, "last.pt")
-    with suppress(Exception):  # none, or unreadable: nothing to lose by starting afresh
-        last = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        progress, saved = last["progress"], config_of(last)
-        patience = saved.early_stopping_patience
-        finished = progress["epoch"] >= saved.epochs or (patience and progress["stale"] >= patience)
-        if not finished or last["position"] is not None:
-            fail(f"{path} holds a run stopped at epoch {progress['epoch']} of {saved.epochs}: "
-                 "go on with --resume, or start afresh in another --checkpoint-dir")
 
 
 # ============================================================================= main: a run
@@ -626,16 +558,6 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     log.info("batch %d x %d accumulation x %d rank(s); best by %s (%s is better)", batch,
              cfg.grad_accum_steps, world, cfg.best_metric, direction)
     return run
-
-
-def choose_loader(cfg: TrainingConfig, device: torch.device, data: dict) -> str:
-    """"memory" for tensors that fit the device: sliced there, no per-row fetch and collate."""
-    if not all(isinstance(data[s], tuple) for s in ("train", "val")):
-        return "dataloader"
-    if cfg.loader != "auto" or device.type != "cuda":  # CPU and MPS: the data already sits there
-        return "memory" if cfg.loader == "auto" else cfg.loader
-    size = sum(t.numel() * t.element_size() for s in ("train", "val") for t in data[s])
-    return "memory" if size < torch.cuda.mem_get_info(device)[0] // 4 else "dataloader"
 
 
 def evaluated_run(run: Run) -> None:
@@ -980,9 +902,10 @@ def load_table(cfg: TrainingConfig):
     suffix = path.suffix.lower()
     if path.is_dir():
         fail(f"--dataset {source} is a directory; pass one of its files")
-    if path.is_file() and suffix not in LOADERS or suffix in LOADERS and not path.is_file():
-        fail(f"--dataset {source}: no such file" if path.suffix in LOADERS else
-             f"--dataset {source}: not one of {', '.join(LOADERS)}")
+    if suffix in LOADERS and not path.is_file():
+        fail(f"--dataset {source}: no such file")
+    if path.is_file() and suffix not in LOADERS:
+        fail(f"--dataset {source}: not one of {', '.join(LOADERS)}")
     if path.is_file() and path.stat().st_size == 0:
         fail(f"--dataset {source}: the file is empty")
     if path.is_file() or saved.exists() or source in BUNDLED:
@@ -1514,6 +1437,84 @@ def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int
 # What makes a run robust and pleasant, and a first reading skips: flags, files written whole,
 # random streams, torchrun's process group, the folder lock, signals, the progress bar and
 # TensorBoard, and --predict.
+
+def get_best_device(requested: str = "auto") -> torch.device:
+    if requested == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "auto":
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+        torch.empty(0, device=device)  # raises where there is no such device
+    except (RuntimeError, AssertionError):
+        fail(f"--device {requested!r} is not a device of this machine; use auto, cpu, cuda or mps")
+    return device
+
+
+def resolve_amp_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32 throughout."""
+    if not cfg.use_amp:
+        return None
+    if cfg.amp_dtype == "float16" and device.type != "cuda":
+        fail(f"--amp-dtype float16 needs a CUDA device (this run uses {device}); use bfloat16")
+    if cfg.amp_dtype == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
+
+
+def with_last(items):
+    """(item, is_last) pairs: a loop over a generator that knows its final item."""
+    iterator = iter(items)
+    previous = next(iterator, with_last)  # with_last itself stands for "no item"
+    for item in iterator:
+        yield previous, False
+        previous = item
+    if previous is not with_last:
+        yield previous, True
+
+
+def config_of(checkpoint: dict) -> TrainingConfig:
+    saved, known = checkpoint["config"], TrainingConfig.__dataclass_fields__
+    return replace(TrainingConfig(), **{k: saved[k] for k in saved if k in known})
+
+
+def digest(obj) -> str:
+    """A fingerprint of plain values and tensors."""
+    def tensor(t):
+        return hashlib.sha256(t.numpy().tobytes()).hexdigest() + str(tuple(t.shape)) + str(t.dtype)
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=tensor).encode()).hexdigest()
+
+
+def load_weights(model: nn.Module, checkpoint: dict, path) -> None:
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path} holds weights shaped for another model or data: {first_line(e)}")
+
+
+def refuse_unfinished(cfg: TrainingConfig) -> None:
+    """A run started without --resume over one that stopped part-way would overwrite it."""
+    path = path_of(cfg, "last.pt")
+    with suppress(Exception):  # none, or unreadable: nothing to lose by starting afresh
+        last = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        progress, saved = last["progress"], config_of(last)
+        patience = saved.early_stopping_patience
+        finished = progress["epoch"] >= saved.epochs or (patience and progress["stale"] >= patience)
+        if not finished or last["position"] is not None:
+            fail(f"{path} holds a run stopped at epoch {progress['epoch']} of {saved.epochs}: "
+                 "go on with --resume, or start afresh in another --checkpoint-dir")
+
+
+def choose_loader(cfg: TrainingConfig, device: torch.device, data: dict) -> str:
+    """"memory" for tensors that fit the device: sliced there, no per-row fetch and collate."""
+    if not all(isinstance(data[s], tuple) for s in ("train", "val")):
+        return "dataloader"
+    if cfg.loader != "auto" or device.type != "cuda":  # CPU and MPS: the data already sits there
+        return "memory" if cfg.loader == "auto" else cfg.loader
+    size = sum(t.numel() * t.element_size() for s in ("train", "val") for t in data[s])
+    return "memory" if size < torch.cuda.mem_get_info(device)[0] // 4 else "dataloader"
+
 
 def parse_config(argv: list[str] | None = None, config_class=TrainingConfig) -> TrainingConfig:
     """Every field is a flag (`batch_size`: `--batch-size` or `--batch_size`), its comment the

@@ -346,3 +346,74 @@ def test_dirs_keep_every_file_under_the_root(tmp_path):
     source = blobs_csv(tmp_path / "blobs.csv")
     train.main([*dirs(tmp_path / "run"), "--dataset", str(source), "--label-column", "kind", "--epochs", "1"])
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "datasets", "training-loop"]
+
+
+def image_data(cfg):
+    """A data seam of one's own: 1 x 4 x 4 images of two kinds, as torch Datasets."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (240,), generator=g)
+    x = torch.randn(240, 1, 4, 4, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float()
+    meta = {"task": "classification", "classes": ["dark", "light"], "class_counts": [80, 80]}
+    return {"train": TensorDataset(x[:160], y[:160]), "val": TensorDataset(x[160:200], y[160:200]),
+            "test": TensorDataset(x[200:], y[200:]), "meta": meta}
+
+
+def test_a_data_seam_of_datasets_trains_resumes_exactly_and_predict_says_it_reads_tables(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_data", image_data)
+    args = ["--epochs", "4", "--batch-size", "16", "--save-every-steps", "3"]
+    whole = train.main([*dirs(tmp_path / "whole"), *args])
+    assert whole["report"]["acc"] > 0.8 and whole["report"]["rows"] == 40
+    stopped = tmp_path / "stopped"
+    real, calls = train.train_one_epoch, []
+
+    def stop_in_epoch_3(model, batches, *rest, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            batches = list(batches)
+            os.kill(os.getpid(), 15)  # SIGTERM before the epoch's first step: stops after it
+        return real(model, batches, *rest, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", stop_in_epoch_3)
+    with pytest.raises(SystemExit):
+        train.main([*dirs(stopped), *args])
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    resumed = train.main([*dirs(stopped), *args, "--resume"])
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in whole["history"]]
+    with pytest.raises(SystemExit, match="--predict reads raw table rows"):
+        train.main([*dirs(tmp_path / "whole"), "--predict", "1,2,3"])
+
+
+@pytest.mark.parametrize("when", ["epoch", "metric"])
+def test_schedulers_stepped_each_epoch_or_on_the_metric_resume_exactly(tmp_path, monkeypatch, when):
+    def build_optimizer(model, cfg, steps_per_epoch):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if when == "epoch":
+            return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5), "epoch"
+        return optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5), "metric"
+
+    monkeypatch.setattr(train, "build_optimizer", build_optimizer)
+    source = blobs_csv(tmp_path / "blobs.csv")
+    whole = train.main(flags(tmp_path / "whole", source, epochs=6))
+    lrs = [h["lr"] for h in whole["history"]]
+    if when == "epoch":
+        assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    else:
+        assert lrs[0] == 0.1 and min(lrs) < 0.1  # cut when the validation loss did not improve
+    real, calls = train.train_one_epoch, []
+
+    def stop_in_epoch_4(model, batches, *rest, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            batches = list(batches)
+            os.kill(os.getpid(), 15)  # SIGTERM: the epoch stops after its first step
+        return real(model, batches, *rest, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", stop_in_epoch_4)
+    with pytest.raises(SystemExit):
+        train.main(flags(tmp_path / "split", source, epochs=6))
+    monkeypatch.setattr(train, "train_one_epoch", real)
+    resumed = train.main(flags(tmp_path / "split", source, "--resume", epochs=6))
+    assert [h["lr"] for h in resumed["history"]] == lrs
+    assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in whole["history"]]
