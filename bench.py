@@ -53,7 +53,8 @@ CLASSES = 10
 
 def loop_train_py(model, optimizer, x, y, batch_size, seed, device):
     rows = train.shard_rows(len(x), shuffle_seed=seed)
-    return train.train_one_epoch(model, train.iterate_batches((x, y), batch_size, rows), optimizer)
+    return train.train_one_epoch(model, train.iterate_batches((x, y), batch_size, rows), optimizer,
+                                 F.cross_entropy)
 
 
 def loop_article(model, optimizer, x, y, batch_size, seed, device):

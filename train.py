@@ -275,12 +275,13 @@ def iterate_batches(split, batch_size: int, rows: torch.Tensor | None = None,
 
 # ============================================================================= step and epoch
 
-def train_one_epoch(model, batches, optimizer, loss_fn=F.cross_entropy, scheduler=None,
-                    scaler=None, amp_dtype=None, grad_clip: float = 0.0, accum_steps: int = 1,
+def train_one_epoch(model, batches, optimizer, loss_fn, scheduler=None, scaler=None,
+                    amp_dtype=None, grad_clip: float = 0.0, accum_steps: int = 1,
                     tally: dict | None = None, after_step=None) -> dict | None:
-    """One pass over `batches`. Returns {"loss": the training loss averaged over rows (and ranks),
-    not batches}; with clipping on, also the gradient norm before clipping ("grad_norm",
-    "grad_norm_max": mean and max over the steps) and "clipped", the share of steps it cut.
+    """One pass over `batches`, minimizing loss_fn(outputs, targets) (the objective's loss).
+    Returns {"loss": averaged over rows (and ranks), not batches}; with clipping on, also the
+    gradient norm before clipping ("grad_norm", "grad_norm_max": mean and max over the steps)
+    and "clipped", the share of steps it cut.
 
     The optimizer steps every accum_steps micro-batches, and at the end; under DDP only that last
     backward all-reduces. A scheduler given here steps after every optimizer step. A resumed epoch

@@ -192,3 +192,10 @@ def test_paired_differences_and_their_standard_error():
     mean, se = train.paired(before, after)
     d = np.array([0.5, 0.5, 0.0, 1.0])
     assert mean == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / math.sqrt(4))
+
+
+def test_mode_says_which_way_is_better_whatever_the_metric_is_called(tmp_path):
+    summary = train.main(flags(tmp_path, blobs_csv(tmp_path / "blobs.csv"), "--best-metric", "val_loss",
+                               "--mode", "max", epochs=6))  # perverse, but said: the highest loss
+    history = summary["history"]
+    assert summary["best_epoch"] == max(history, key=lambda h: h["val_loss"])["epoch"] < 6
