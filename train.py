@@ -700,6 +700,12 @@ def report(run: Run) -> dict:
         plot_history(progress["history"], cfg, title, progress["best_epoch"], diagnosis["findings"])
     scores = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
     log.info("test, best epoch %d: %s on %d rows", progress["best_epoch"], scores, result["rows"])
+    classes = run.data["meta"].get("classes") or []
+    if "confusion_matrix" in test and len(classes) <= 20:  # past that, noise: the report holds it
+        log.info("confusion matrix (rows: the true class, columns: the predicted one):")
+        width = max(len(str(c)) for c in classes)
+        for name, counts in zip(classes, test["confusion_matrix"]):
+            log.info("  %*s  %s", width, name, " ".join(f"{v:4d}" for v in counts))
     names = ("best_model.pt", "last.pt", "history.json", "loss_curve.png", "test_report.json",
              "run_note.md")
     written = [path_of(cfg, name) for name in names]
