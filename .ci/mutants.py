@@ -54,8 +54,8 @@ EDITS = {
     "best checkpoint chosen by training loss": (LOOP, [
         ('    value, best = entry[cfg.best_metric], progress["best"]', '    value, best = entry["train_loss"], progress["best"]')]),
     "test rows used for selection": (LOOP, [
-        ('evaluate(run.eval_model, split_batches(run, "val"), run.objective, run.amp_dtype)\n            record_epoch',
-         'evaluate(run.eval_model, split_batches(run, "test"), run.objective, run.amp_dtype)\n            record_epoch')]),
+        ('val, rows, _ = evaluate(run.eval_model, split_batches(run, "val")',
+         'val, rows, _ = evaluate(run.eval_model, split_batches(run, "test")')]),
     "clipping before backward()": (LOOP, [
         ("            scaler.scale(loss / accum_steps).backward()",
          "            if grad_clip > 0:\n                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n"
@@ -63,8 +63,7 @@ EDITS = {
         ("            norms[steps] = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)\n        scaler.step",
          "        scaler.step")]),
     "validation rows left in the training split": (LOOP, [
-        ("(rows[n_test + n_val:], rows[n_test:n_test + n_val], rows[:n_test])",
-         "(rows[n_test:], rows[n_test:n_test + n_val], rows[:n_test])")]),
+        ('parts["train"].append(rows[n_test + n_val:])', 'parts["train"].append(rows[n_test:])')]),
     "float16 scaler skipped: plain backward()": (LOOP, [
         ("scaler.scale(loss / accum_steps).backward()", "(loss / accum_steps).backward()")]),
     "float16 scaler skipped: plain optimizer.step()": (LOOP, [("        scaler.step(optimizer)\n", "        optimizer.step()\n")]),
