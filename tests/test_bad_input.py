@@ -161,7 +161,8 @@ def test_a_loss_that_turns_nan_keeps_the_previous_best(tmp_path, monkeypatch):
         train.main(flags(tmp_path, source, epochs=6))
     assert "learning rate" in stop.value.code
     best = torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True)
-    assert best["epoch"] <= 3 and torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["epoch"] == 3
+    last = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
+    assert best["epoch"] <= 3 and 1 <= last["epoch"] <= 3  # nothing of epoch 4
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),

@@ -95,8 +95,10 @@ def test_iris_reaches_90_percent_on_rows_it_never_saw(iris_run):
     report = json.loads((root / "training-loop/test_report.json").read_text())
     assert report["rows"] == 24 and report["acc"] >= 0.9
     assert summary["history"][0]["val_acc"] < report["acc"]
-    # --save-every-steps at its default writes last.pt at epoch ends only on 7-step epochs
-    assert [name for name, _ in saves].count("last.pt") == 50 and all(p is None for _, p in saves)
+    # On 7-step epochs of 10 ms: last.pt at epoch ends only (never mid-epoch at the default
+    # --save-every-steps), a second apart at most, and at the end
+    last = [position for name, position in saves if name == "last.pt"]
+    assert 1 <= len(last) < 50 and all(position is None for position in last)
 
 
 def test_the_readme_snippet_predicts_like_the_pipeline_on_raw_rows(iris_run, monkeypatch, capsys):
