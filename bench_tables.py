@@ -117,6 +117,15 @@ def baselines(frame: pd.DataFrame, label: str, task: str, splits: dict, seed: in
     return scores
 
 
+def verdict(report: dict) -> str:
+    """The run note's verdict, and the evidence it rests on: the rise of the validation loss from
+    the best epoch to the end, ± two standard errors, against what would be material."""
+    diagnosis, evidence = report["diagnosis"], report["diagnosis"]["evidence"]
+    rise, se = evidence["rise"]
+    return (f"{diagnosis['verdict']} (best epoch {report['best_epoch']}; rise {rise:+.3g} ± {2 * se:.2g},"
+            f" material {evidence['material']:.3g})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("tables", nargs="*", help="only the tables whose name contains one of these words")
@@ -150,8 +159,7 @@ def main() -> None:
         failures += [] if ok else [name]
         print(f"{name:14} {len(frame):>6} {task[:5]:>5} | {ours:8.4f} {scores['linear'][0]:7.4f} {scores['mlp'][0]:7.4f} "
               f"{scores['hgb'][0]:7.4f} | {gap:+6.3f} | {seconds:10.1f} {scores['mlp'][1]:6.1f} {scores['hgb'][1]:6.1f} "
-              f"| {'yes' if ok else 'NO ':3} | {report['diagnosis']['verdict']} (best epoch {report['best_epoch']})",
-              flush=True)
+              f"| {'yes' if ok else 'NO ':3} | {verdict(report)}", flush=True)
     print(f"summary: {'every table meets' if not failures else 'missed on ' + ', '.join(failures) + ';'} the targets; "
           f"worst gap to the best baseline {worst:+.3f} (allowed 0.02 accuracy / 0.03 R²)")
 

@@ -1437,7 +1437,8 @@ def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int
     metric = cfg.best_metric if cfg.best_metric != "val_loss" else next(
         (k for k in history[0] if k.startswith("val_") and k != "val_loss"), "val_loss")
     panels = {"Loss": ("train_loss", "val_loss"), f"Validation {metric[4:]}": (metric,),
-              "Learning rate": ("lr",), "Gradient norm": ("grad_norm", "grad_norm_max")}
+              "Learning rate": ("lr",),
+              "Gradient norm, before clipping": ("grad_norm", "grad_norm_max")}
     fig = Figure(figsize=(18, 4.3))
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.12, top=0.84, wspace=0.22)  # layout: 0.1 s
