@@ -678,7 +678,7 @@ def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows, seconds: 
 
 # last.pt and history.json are written at an epoch's end when this many seconds have passed since
 # they last were, and always when the run ends or stops: an epoch of Iris takes 10 ms, and writing
-# both after every one of them cost a quarter of its run. A kill loses a second, and resumes exactly.
+# both after every one of them cost a quarter of its run. A kill loses a second; resume is exact.
 SAVE_SECONDS = 1.0
 
 
