@@ -382,6 +382,7 @@ class Run:
     steps: int  # optimizer steps an epoch, on each rank
     progress: dict  # epoch, best, best_epoch, stale, history, run id: what last.pt restores
     tally: dict | None = None  # after a mid-epoch stop: where the next epoch goes on
+    last_rows: torch.Tensor | None = None  # the last epoch's per-row validation losses
     saved_at: float = 0.0  # when last.pt was last written at an epoch's end (time.monotonic)
 
 
@@ -612,7 +613,9 @@ def fit(run: Run, stop: dict, argv: list[str]) -> None:
             if stop_agreed(stop, run.world):
                 break
     stop["loop"] = False
-    if run.tally is None and stop.get("at") is None:  # the epoch's end: not yet saved, maybe
+    if stop.get("at") is not None:  # mid-epoch: step_done wrote last.pt at that very step
+        write_json(path_of(cfg, "history.json"), progress["history"])
+    elif run.tally is None:  # the epoch's end: not yet saved, maybe
         save_progress(run)
     if stop["signal"] is not None:
         exit_resumable(run, stop, argv)
@@ -669,6 +672,7 @@ def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows, seconds: 
         progress["stale"] += 1
     if epoch == reference_epoch(cfg.epochs):  # the run note compares the run's end with it
         progress["reference"] = rows.cpu()
+    run.last_rows = rows
     due = time.monotonic() - run.saved_at >= SAVE_SECONDS
     if run.world > 1:
         due = any(every_rank(due))  # the ranks save together: saving gathers their random streams
@@ -693,7 +697,9 @@ def report(run: Run) -> dict:
     test_report.json, the run note, the plot and the log's summary."""
     cfg, progress, objective = run.cfg, run.progress, run.objective
     evaluation = partial(evaluate, run.eval_model, objective=objective, amp_dtype=run.amp_dtype)
-    _, last_rows, y_val = evaluation(split_batches(run, "val"))
+    last_rows = run.last_rows  # the weights fit ended with, as its last epoch evaluated them
+    if last_rows is None:  # --eval-only, or a finished run resumed: those weights, evaluated now
+        _, last_rows, _ = evaluation(split_batches(run, "val"))
     barrier()  # rank 0's best_model.pt is whole before any rank reads it
     path = path_of(cfg, "best_model.pt")
     best = load_checkpoint(path)
@@ -702,7 +708,7 @@ def report(run: Run) -> dict:
              "write, or another run in this --checkpoint-dir? Nothing was tested")
     check_same_data(best, path, run.data["meta"])
     load_weights(run.model, best, path)
-    _, best_rows, _ = evaluation(split_batches(run, "val"))
+    _, best_rows, y_val = evaluation(split_batches(run, "val"))
     test, _, _ = evaluation(split_batches(run, "test"))
     base = None if objective.baseline is None else objective.row_losses(
         objective.baseline.expand(len(y_val), -1), y_val)
@@ -894,7 +900,8 @@ def cached_columns(cfg: TrainingConfig) -> dict:
                 return columns
     watched = FieldsRead(cfg)
     columns = read_columns(watched)
-    columns.update(fingerprint=source_digest(cfg), read=watched.read)  # the saved copy may be new
+    # A hub dataset's saved copy may be new: hashed now, the first time there is one.
+    columns.update(fingerprint=fingerprint or source_digest(cfg), read=watched.read)
     try:
         save_file(cache, partial(torch.save, columns))
     except SystemExit as e:  # the cache only saves time: a run goes on without it
@@ -1783,8 +1790,8 @@ def stop_agreed(stop: dict, world: int) -> bool:
 
 
 def exit_resumable(run: Run, stop: dict, argv: list[str]) -> None:
-    """After a stop in the loop: plot what finished, say how to resume, exit 128 + the signal."""
-    write_json(path_of(run.cfg, "history.json"), run.progress["history"])
+    """After a stop in the loop, its files saved: plot what finished, say how to resume, and exit
+    128 + the signal."""
     if run.progress["history"] and run.rank == 0:
         title = f"run {run.progress['run']}, stopped"
         plot_history(run.progress["history"], run.cfg, title, run.progress["best_epoch"], [])
