@@ -89,6 +89,10 @@ def inputs_of(split) -> torch.Tensor:
     return torch.cat([xb for xb, _ in train.iterate_batches(split, 1024)])
 
 
+def targets_of(split) -> torch.Tensor:
+    return torch.cat([yb for _, yb in train.iterate_batches(split, 1024)])
+
+
 def sgd(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=lr)
 
@@ -138,12 +142,25 @@ def test_the_model_returns_raw_outputs_shaped_for_the_objective(data, objective,
     sums_to_one = torch.allclose(out.sum(-1), torch.ones(len(out)), atol=1e-4)
     probabilities = bool((out >= 0).all()) and sums_to_one
     assert objective.outputs == 1 or not probabilities, "return logits: the objective has softmax"
+    if objective.outputs == 1 and data["meta"].get("task") == "classification":
+        # Two classes, one output: a logit, which fitting the training rows takes past 0 and 1. A
+        # sigmoid in the model caps it there, and the objective's own then calls every row class 2.
+        model.train()
+        x, y = inputs_of(data["train"]), targets_of(data["train"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(30):
+            optimizer.zero_grad(set_to_none=True)
+            objective.loss(model(x), y).backward()
+            optimizer.step()
+        with torch.no_grad():
+            out = model.eval()(x)
+        assert not ((out >= 0) & (out <= 1)).all(), "return a logit: the objective has the sigmoid"
 
 
 def test_the_objective_scores_whole_splits_in_any_row_order(data, objective, cfg):
     model = new_model(data, objective, cfg).eval()
     with torch.no_grad():
-        x, y = inputs_of(data["val"]), torch.cat([yb for _, yb in batches(data["val"], 1024)])
+        x, y = inputs_of(data["val"]), targets_of(data["val"])
         out = model(x)
     loss = objective.loss(out.requires_grad_(), y)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
