@@ -1472,16 +1472,16 @@ def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int
 # TensorBoard, and --predict.
 
 def get_best_device(requested: str = "auto") -> torch.device:
+    """The device as its tensors name it: "cuda" is cuda:0, which is what the data's tensors are
+    compared with (torch.device("cuda") != torch.device("cuda:0"))."""
     if requested == "auto" and torch.cuda.is_available():
-        return torch.device("cuda")
-    if requested == "auto":
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        requested = "cuda"
+    elif requested == "auto":
+        requested = "mps" if torch.backends.mps.is_available() else "cpu"
     try:
-        device = torch.device(requested)
-        torch.empty(0, device=device)  # raises where there is no such device
+        return torch.empty(0, device=requested).device  # raises where there is no such device
     except (RuntimeError, AssertionError):
         fail(f"--device {requested!r} is not a device of this machine; use auto, cpu, cuda or mps")
-    return device
 
 
 def resolve_amp_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
