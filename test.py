@@ -93,6 +93,19 @@ def targets_of(split) -> torch.Tensor:
     return torch.cat([yb for _, yb in train.iterate_batches(split, 1024)])
 
 
+def fitted(data: dict, objective, cfg, steps: int = 30) -> tuple:
+    """Your model after `steps` full-batch AdamW steps on the training slice by your loss, in eval
+    mode; and the slice's inputs and targets."""
+    model = new_model(data, objective, cfg)
+    x, y = inputs_of(data["train"]), targets_of(data["train"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        objective.loss(model(x), y).backward()
+        optimizer.step()
+    return model.eval(), x, y
+
+
 def sgd(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=lr)
 
@@ -145,16 +158,24 @@ def test_the_model_returns_raw_outputs_shaped_for_the_objective(data, objective,
     if objective.outputs == 1 and data["meta"].get("task") == "classification":
         # Two classes, one output: a logit, which fitting the training rows takes past 0 and 1. A
         # sigmoid in the model caps it there, and the objective's own then calls every row class 2.
-        model.train()
-        x, y = inputs_of(data["train"]), targets_of(data["train"])
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for _ in range(30):
-            optimizer.zero_grad(set_to_none=True)
-            objective.loss(model(x), y).backward()
-            optimizer.step()
+        model, x, _ = fitted(data, objective, cfg)
         with torch.no_grad():
-            out = model.eval()(x)
+            out = model(x)
         assert not ((out >= 0) & (out <= 1)).all(), "return a logit: the objective has the sigmoid"
+
+
+def test_your_loss_pulls_the_outputs_toward_the_targets(data, objective, cfg):
+    # Fitted by your loss, the model must beat predicting the base rates on the rows it fitted, as
+    # row_losses measures. A loss that misses the targets (huber_loss(out, y) with out N x 1 and y
+    # N broadcasts to N x N and fits the mean) lands near 1.0 of the base; a real fit, even of
+    # shuffled labels, lands below 0.6.
+    model, x, y = fitted(data, objective, cfg)
+    with torch.no_grad():
+        fit = objective.row_losses(model(x), y).mean()
+        start = new_model(data, objective, cfg).eval()(x)
+        base = start if objective.baseline is None else objective.baseline.expand(len(y), -1)
+        base = objective.row_losses(base, y).mean()
+    assert fit < 0.9 * base, f"your loss fits the training rows no better than the base: {fit:.4g}"
 
 
 def test_the_objective_scores_whole_splits_in_any_row_order(data, objective, cfg):
@@ -164,6 +185,8 @@ def test_the_objective_scores_whole_splits_in_any_row_order(data, objective, cfg
         out = model(x)
     loss = objective.loss(out.requires_grad_(), y)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
+    twice = objective.loss(torch.cat([out, out]).detach(), torch.cat([y, y]))
+    assert twice.item() == pytest.approx(loss.item(), rel=1e-5), "the loss must be a mean over rows"
     rows = objective.row_losses(out.detach(), y)
     assert rows.shape == (len(y),) and torch.isfinite(rows).all()
     assert len(objective.describe(out.detach())) == len(y)
