@@ -172,8 +172,10 @@ def test_your_loss_pulls_the_outputs_toward_the_targets(data, objective, cfg):
     model, x, y = fitted(data, objective, cfg)
     with torch.no_grad():
         fit = objective.row_losses(model(x), y).mean()
-        start = new_model(data, objective, cfg).eval()(x)
-        base = start if objective.baseline is None else objective.baseline.expand(len(y), -1)
+        if objective.baseline is None:  # no base rates to predict: the untrained model instead
+            base = new_model(data, objective, cfg).eval()(x)
+        else:
+            base = objective.baseline.expand(len(y), -1)
         base = objective.row_losses(base, y).mean()
     assert fit < 0.9 * base, f"your loss fits the training rows no better than the base: {fit:.4g}"
 
