@@ -24,8 +24,9 @@ import train
 
 SLICE = 48  # rows of each split the checks use: a few batches, fast on any model
 # Said where a check only holds for a model whose output for a row does not depend on the other
-# rows of its batch: BatchNorm in training mode breaks that.
-BATCH_INDEPENDENT = "this check needs outputs that do not depend on the rest of the batch"
+# rows of its batch: BatchNorm in training mode breaks that, and so does padding left unmasked.
+BATCH_INDEPENDENT = ("a row's outputs must not depend on the rest of its batch: does the model "
+                     "mask the padding a collate_fn adds?")
 
 
 @pytest.fixture(autouse=True)
@@ -45,9 +46,9 @@ def no_network(monkeypatch):
 # ------------------------------------------------------------------------ your seams, on a slice
 
 def cut(split, n: int):
-    """The first n rows of a split: tensors, or a torch Dataset."""
+    """The first n rows of a split: tensors, or a torch Dataset (a Subset uses its collate_fn)."""
     if isinstance(split, tuple):
-        return tuple(t[:n] for t in split)
+        return train.rows_of(split, slice(0, n))
     return torch.utils.data.Subset(split, range(min(n, len(split))))
 
 
@@ -78,19 +79,20 @@ def objective(data, cfg) -> train.Objective:
 
 def new_model(data: dict, objective, cfg, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return train.build_model(tuple(data["train"][0][0].shape), objective.outputs, cfg)
+    return train.build_model(train.input_shape(data["train"]), objective.outputs, data["meta"], cfg)
 
 
 def batches(split, size: int) -> list:
     return list(train.iterate_batches(split, size))
 
 
-def inputs_of(split) -> torch.Tensor:
-    return torch.cat([xb for xb, _ in train.iterate_batches(split, 1024)])
+def inputs_of(split):
+    """All the slice's inputs, as one batch (SLICE rows: one batch of 1024, padded alike)."""
+    return train.cat_rows([xb for xb, _ in train.iterate_batches(split, 1024)])
 
 
-def targets_of(split) -> torch.Tensor:
-    return torch.cat([yb for _, yb in train.iterate_batches(split, 1024)])
+def targets_of(split):
+    return train.cat_rows([yb for _, yb in train.iterate_batches(split, 1024)])
 
 
 def fitted(data: dict, objective, cfg, steps: int = 30) -> tuple:
@@ -151,6 +153,7 @@ def test_the_model_returns_raw_outputs_shaped_for_the_objective(data, objective,
     model = new_model(data, objective, cfg).eval()
     with torch.no_grad():
         out = model(inputs_of(data["val"]))
+    assert isinstance(out, torch.Tensor), "the model returns one tensor of outputs, a row each"
     assert out.shape == (train.split_rows(data["val"]), objective.outputs)
     sums_to_one = torch.allclose(out.sum(-1), torch.ones(len(out)), atol=1e-4)
     probabilities = bool((out >= 0).all()) and sums_to_one
@@ -187,16 +190,18 @@ def test_the_objective_scores_whole_splits_in_any_row_order(data, objective, cfg
         out = model(x)
     loss = objective.loss(out.requires_grad_(), y)
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad
-    twice = objective.loss(torch.cat([out, out]).detach(), torch.cat([y, y]))
+    n = train.rows_in(y)
+    twice = objective.loss(torch.cat([out, out]).detach(), train.cat_rows([y, y]))
     assert twice.item() == pytest.approx(loss.item(), rel=1e-5), "the loss must be a mean over rows"
     rows = objective.row_losses(out.detach(), y)
-    assert rows.shape == (len(y),) and torch.isfinite(rows).all()
-    assert len(objective.describe(out.detach())) == len(y)
+    assert rows.shape == (n,) and torch.isfinite(rows).all()
+    assert len(objective.describe(out.detach())) == n
     if objective.baseline is not None:
         assert objective.baseline.shape == (objective.outputs,)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))  # DDP: rank by rank
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))  # DDP: rank by rank
     out = out.detach()
-    scores, shuffled = objective.metrics(out, y), objective.metrics(out[order], y[order])
+    scores = objective.metrics(out, y)
+    shuffled = objective.metrics(out[order], train.rows_of(y, order))
     assert scalars(scores) == pytest.approx(scalars(shuffled), rel=1e-4, abs=1e-6, nan_ok=True)
     key = cfg.best_metric.removeprefix("val_")
     assert key == "loss" or key in scores, f"--best-metric {cfg.best_metric}: no {key!r} metric"
@@ -242,7 +247,7 @@ def test_the_training_loss_is_averaged_over_rows_not_batches(data, objective, cf
     got = train.train_one_epoch(model, uneven, frozen, objective.loss)["loss"]
     torch.manual_seed(1)  # the same forward passes, dropout included, added up by hand
     with torch.no_grad():
-        losses = [(objective.loss(model(xb), yb).item(), len(yb)) for xb, yb in uneven]
+        losses = [(objective.loss(model(xb), yb).item(), train.rows_in(yb)) for xb, yb in uneven]
     by_rows = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
     assert got == pytest.approx(by_rows, rel=1e-5)
 
@@ -385,48 +390,66 @@ def test_your_optimizer_and_scheduler_go_on_exactly_from_their_state(data, objec
 # ------------------------------------------------------------------------ the loop, as main runs it
 
 def spy(monkeypatch, monitored: list | None = None) -> dict:
-    """Record the inputs of every batch main() trains and validates on, and the weights at each
-    validation; with `monitored`, report those values of the monitored metric instead."""
-    seen = {"train": [], "val": [], "weights": []}
-    real_train, real_evaluate = train.train_one_epoch, train.evaluate
+    """Record each pass main() makes over a split (the split, and its rows in the order taken), and
+    the weights at each validation; with `monitored`, report those values of the monitored metric
+    instead."""
+    seen = {"passes": [], "epochs": 0, "weights": []}
+    real_iterate, real_train, real_evaluate = (train.iterate_batches, train.train_one_epoch,
+                                               train.evaluate)
 
-    def train_one_epoch(model, batches, *args, **kwargs):
-        batches = list(batches)
-        seen["train"].append(torch.cat([xb for xb, _ in batches]).cpu())
-        return real_train(model, batches, *args, **kwargs)
+    def iterate_batches(split, batch_size, rows=None, *args, **kwargs):
+        seen["passes"].append((split, rows))
+        return real_iterate(split, batch_size, rows, *args, **kwargs)
+
+    def train_one_epoch(*args, **kwargs):
+        seen["epochs"] += 1
+        return real_train(*args, **kwargs)
 
     def evaluate(model, batches, objective, *args, **kwargs):
-        batches = list(batches)
         result, rows, y = real_evaluate(model, batches, objective, *args, **kwargs)
-        if len(seen["val"]) < len(seen["train"]):  # the epoch's validation, not the final test
-            seen["val"].append(torch.cat([xb for xb, _ in batches]).cpu())
+        if len(seen["weights"]) < seen["epochs"]:  # the epoch's validation, not the final test
             seen["weights"].append(copy.deepcopy(model.state_dict()))
             if monitored is not None:
                 key = train.TrainingConfig().best_metric.removeprefix("val_")  # your default
-                result = {**result, key: monitored[len(seen["val"]) - 1]}
+                result = {**result, key: monitored[len(seen["weights"]) - 1]}
         return result, rows, y
 
+    monkeypatch.setattr(train, "iterate_batches", iterate_batches)
     monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
     monkeypatch.setattr(train, "evaluate", evaluate)
     return seen
 
 
-def multiset(x: torch.Tensor) -> list:
-    return sorted(map(tuple, x.flatten(1).tolist()))
+def which(split, data: dict) -> str:
+    """The name of the split main() passed: a Dataset is itself; tensors may have been moved to
+    the device, so they compare by value."""
+    for name in ("train", "val", "test"):
+        mine = data[name]
+        same = isinstance(split, tuple) and isinstance(mine, tuple) and all(
+            a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+            for a, b in zip(train.tensors_in(split), train.tensors_in(mine), strict=True))
+        if split is mine or same:
+            return name
+    return "another split"
 
 
 def test_each_epoch_shuffles_training_rows_and_validates_on_validation_rows(monkeypatch, sliced,
                                                                              data, fresh):
     seen = spy(monkeypatch)
     train.main(flags(fresh))
-    train_x, val_x = inputs_of(data["train"]), inputs_of(data["val"])
-    assert len(seen["train"]) == 3 and len(seen["val"]) == 3
-    for rows in seen["train"]:
-        assert multiset(rows) == multiset(train_x), "an epoch trains on every training row, once"
-    assert not torch.equal(seen["train"][0], train_x), "training batches must be shuffled"
-    assert not torch.equal(seen["train"][0], seen["train"][1]), "each epoch must be shuffled anew"
-    for rows in seen["val"]:
-        assert multiset(rows) == multiset(val_x), "validation runs on the validation rows alone"
+    names = [which(split, data) for split, _ in seen["passes"]]
+    assert names[:6] == ["train", "val"] * 3, "each epoch trains, then validates on the val split"
+    assert names.count("test") == 1 and names[-1] == "test", "test once, after the last epoch"
+    epochs = [rows.tolist() for (_, rows), name in zip(seen["passes"], names) if name == "train"]
+    n_train, n_val = (train.split_rows(data[s]) for s in ("train", "val"))
+    for rows in epochs:
+        assert sorted(rows) == list(range(n_train)), "an epoch trains on every training row, once"
+    assert epochs[0] != sorted(epochs[0]), "training batches must be shuffled"
+    assert epochs[0] != epochs[1], "each epoch must be shuffled anew"
+    for (split, rows), name in zip(seen["passes"], names):
+        if name == "val":
+            assert rows is None or sorted(rows.tolist()) == list(range(n_val)), \
+                "validation runs on every validation row"
 
 
 def test_the_best_checkpoint_is_the_best_monitored_epoch_not_the_last(monkeypatch, sliced, cfg,

@@ -152,18 +152,33 @@ def lower_is_better(cfg: TrainingConfig) -> bool:
 def build_data(cfg: TrainingConfig) -> dict:
     """SWAP HERE for your data. Returns {"train": split, "val": split, "test": split, "meta": dict}.
 
-    A split is (inputs, targets) tensors, or a torch Dataset of (input, target) pairs: table rows,
-    images N x C x H x W, sequences. Keep the three apart; fit every statistic (normalization,
-    a vocabulary) on the training split alone.
-    "meta" is what the objective and prediction need, in tensors and plain values: every checkpoint
-    holds it (loaded with weights_only). The built-in objectives read "task" ("classification" or
-    "regression"), "classes" (names, in output order), "class_counts" (training rows per class:
-    balanced weights, the run note's base rates) and a regression's "target_mean" and
-    "target_std" (targets standardized by them). --resume and --eval-only refuse a checkpoint
-    whose meta differs, so a fingerprint of your data belongs in it.
-    The default reads any table through Hugging Face datasets: see "the table pipeline".
+    A split is (inputs, targets), or a torch Dataset of (input, target) pairs: table rows, images
+    N x C x H x W, sequences. Inputs and targets are each a tensor, or a tuple, list or dict of
+    tensors, nested (token ids and an attention mask), rows first; the model is given the inputs
+    as they are. A Dataset's `collate_fn` attribute, if it has one, makes its batches (padding
+    sequences to one length); a Subset of it (random_split) uses it too. Random augmentation in a
+    Dataset is fine: each training batch draws from a seed of its own (the run's seed, the epoch
+    and the batch's first row), so it is new every epoch, the same with any --num-workers, and
+    the same after --resume. Keep the three splits apart; fit every statistic (normalization, a
+    vocabulary) on the training split alone.
+    "meta" is what the model, the objective and prediction need, in tensors and plain values
+    (a vocabulary's size, the classes): every checkpoint holds it (loaded with weights_only). The
+    built-in objectives read "task" ("classification" or "regression"), "classes" (names, in
+    output order), "class_counts" (training rows per class: balanced weights, the run note's base
+    rates) and a regression's "target_mean" and "target_std" (targets standardized by them).
+    --resume and --eval-only refuse a checkpoint whose meta differs, so a fingerprint of your data
+    belongs in it. The default reads any table through Hugging Face datasets: see "the table
+    pipeline".
     """
     return table_data(cfg)
+
+
+def predict_inputs(text: str, meta: dict, cfg: TrainingConfig) -> tuple:
+    """SWAP HERE, with build_data, for --predict on your data: cfg.predict's text to (inputs for
+    the model, as a split's inputs are, and a label for each input in the printout). meta and cfg
+    are the checkpoint's. Raise ValueError, with a message naming the bad part, for bad text. The
+    default reads raw table rows: see rows_to_inputs."""
+    return table_predict_inputs(text, meta)
 
 
 class TinyMLP(nn.Module):
@@ -180,10 +195,11 @@ class TinyMLP(nn.Module):
         return self.net(x)
 
 
-def build_model(in_shape: tuple, out_features: int, cfg: TrainingConfig) -> nn.Module:
+def build_model(in_shape, out_features: int, meta: dict, cfg: TrainingConfig) -> nn.Module:
     """SWAP HERE for your model: training, --eval-only, --predict and model_from_checkpoint all
     build it here. in_shape is one input's shape ((features,) for a table row, (C, H, W) for an
-    image); out_features is what the objective asks for. Hyperparameters go in TrainingConfig.
+    image; for nested inputs, the same structure of shapes); out_features is what the objective
+    asks for; meta is build_data's (a vocabulary's size). Hyperparameters go in TrainingConfig.
     Return raw outputs: the objective applies the softmax or the sigmoid."""
     return TinyMLP(math.prod(in_shape), out_features)
 
@@ -230,14 +246,65 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig, steps_per_epoch: int)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
 
 
+def start_epoch(epoch: int, model: nn.Module, optimizer, scheduler, cfg: TrainingConfig) -> None:
+    """SWAP HERE, with build_optimizer, to change what trains as an epoch (1, 2, ...) starts: freeze
+    or unfreeze (requires_grad), or set a parameter group's rate (its "lr"; under a scheduler that
+    sets the rate, its base_lrs). last.pt keeps the parameters' requires_grad and the optimizer's
+    and scheduler's state, so --resume goes on with the same; it runs once an epoch, not again
+    for an epoch resumed part-way."""
+
+
 # ============================================================================= batches
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
+def tree_map(fn, obj):
+    """fn applied to each tensor of a batch: a tensor, or a tuple, list or dict of them, nested."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: tree_map(fn, v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(tree_map(fn, v) for v in obj)
+    return obj
+
+
+def rows_of(obj, index):
+    """The rows `index` (an int, a slice or a tensor of row numbers) of every tensor in obj."""
+    return tree_map(lambda t: t[index], obj)
+
+
+def tensors_in(obj) -> list[torch.Tensor]:
+    found = []
+    tree_map(found.append, obj)
+    return found
+
+
+def rows_in(obj) -> int:
+    """A batch's rows, read from it: the length of its first tensor."""
+    return len(tensors_in(obj)[0])
+
+
+def cat_rows(parts: list):
+    """Batches of one structure as one: each tensor concatenated with its namesakes, row-wise."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {k: cat_rows([p[k] for p in parts]) for k in first}
+    return type(first)(cat_rows(list(p)) for p in zip(*parts))
+
+
 def split_rows(split) -> int:
-    return len(split[0]) if isinstance(split, tuple) else len(split)
+    return rows_in(split) if isinstance(split, tuple) else len(split)
+
+
+def input_shape(split):
+    """One input's shape (nested inputs: the same structure of shapes), as build_model gets it."""
+    one = rows_of(split[0], 0) if isinstance(split, tuple) else split[0][0]
+    return tree_map(lambda t: tuple(t.shape), one)
 
 
 def shard_rows(n: int, rank: int = 0, world: int = 1, shuffle_seed: int | None = None):
@@ -251,26 +318,59 @@ def shard_rows(n: int, rank: int = 0, world: int = 1, shuffle_seed: int | None =
 
 
 def iterate_batches(split, batch_size: int, rows: torch.Tensor | None = None,
-                    device: torch.device | None = None, num_workers: int = 0):
-    """Batches of a split, in the order of `rows` (all, in order, by default). Tensors on the
-    device are cut by one indexing op a batch; anything else comes through a DataLoader, whose
-    pinned memory lets the copy to a GPU overlap compute."""
+                    device: torch.device | None = None, num_workers: int = 0, seed=None):
+    """(inputs, targets) batches of a split, in the order of `rows` (all, in order, by default).
+    Tensors on the device are cut by indexing, a batch at a time; anything else comes through a
+    DataLoader (see fetch_batch), whose pinned memory lets the copy to a GPU overlap compute.
+    seed (a tuple of ints; training passes one) seeds each batch's random draws, with its first
+    row."""
     rows = torch.arange(split_rows(split)) if rows is None else rows
-    if isinstance(split, tuple) and (device is None or split[0].device == device):
-        for batch in rows.to(split[0].device).split(batch_size):
-            yield split[0][batch], split[1][batch]
+    on = tensors_in(split)[0].device if isinstance(split, tuple) else None
+    if on is not None and (device is None or on == device):
+        for batch in rows.to(on).split(batch_size):
+            yield rows_of(split, batch)
         return
-    from torch.utils.data import BatchSampler, DataLoader, TensorDataset
+    from torch.utils.data import DataLoader
 
-    device, tensors = device or torch.device("cpu"), isinstance(split, tuple)
-    batches = BatchSampler(rows.tolist(), batch_size, drop_last=False)
-    # A TensorDataset takes a batch of indices at once. The workers' seed comes from a private
-    # generator: drawn from the global stream, it would shift the model's random numbers.
-    how = {"sampler": batches, "batch_size": None} if tensors else {"batch_sampler": batches}
-    loader = DataLoader(TensorDataset(*split) if tensors else split, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator(), **how)
-    for xb, yb in loader:
-        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+    device = device or torch.device("cpu")
+    jobs = [(None if seed is None else (*seed, part[0]), part)  # row numbers pickle small
+            for part in (part.tolist() for part in rows.split(batch_size))]
+    # The workers' own seeds come from a private generator: drawn from the global stream, they
+    # would shift the model's random numbers. A batch's draws are seeded in fetch_batch.
+    loader = DataLoader(jobs, batch_size=None, collate_fn=partial(fetch_batch, split),
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())
+    for (key, _), batch in zip(jobs, loader):
+        if key is not None:  # Python's and NumPy's streams here, after a batch, whichever process
+            seed_streams((*key, -1), torch_too=False)  # fetched it (saving them costs 0.1 ms)
+        yield tree_map(lambda t: t.to(device, non_blocking=True), batch)
+
+
+def fetch_batch(split, job: tuple):
+    """One batch, in this process or a DataLoader worker: the rows of a split of tensors, or a
+    Dataset's items collated by its collate_fn. A training batch's random draws (augmentation)
+    come from streams seeded by the job's key, its place in the run alone; torch's stream, which
+    the model's dropout draws from in this process, is put back after."""
+    key, rows = job
+    if isinstance(split, tuple):
+        return rows_of(split, torch.tensor(rows))
+    model_stream = torch.get_rng_state()
+    if key is not None:
+        seed_streams(key)
+    try:
+        getitems = getattr(split, "__getitems__", None)  # as torch's own fetcher reads a Dataset
+        return collate_of(split)(getitems(rows) if getitems else [split[i] for i in rows])
+    finally:
+        torch.set_rng_state(model_stream)
+
+
+def collate_of(split):
+    """The Dataset's collate_fn (a Subset's: of the dataset it cuts), or torch's default_collate."""
+    from torch.utils.data import Subset, default_collate
+
+    while isinstance(split, Subset) and not hasattr(split, "collate_fn"):
+        split = split.dataset
+    return getattr(split, "collate_fn", None) or default_collate
 
 
 # ============================================================================= step and epoch
@@ -304,8 +404,9 @@ def train_one_epoch(model, batches, optimizer, loss_fn, scheduler=None, scaler=N
             with autocast(device, amp_dtype):
                 loss = loss_fn(model(xb), yb)
             scaler.scale(loss / accum_steps).backward()  # the scaler is a no-op unless float16
-        loss_sum += loss.detach().float() * len(yb)  # detached: the sum keeps no step's graph
-        rows += len(yb)
+        n = rows_in(yb)
+        loss_sum += loss.detach().float() * n  # detached: the sum keeps no step's graph
+        rows += n
         if not step_now:
             continue
         if steps == len(norms):
@@ -340,20 +441,21 @@ def evaluate(model, batches, objective: Objective, amp_dtype=None) -> tuple:
     outputs, targets = [], []
     for xb, yb in batches:  # on the device until the end: no sync a batch
         with autocast(device, amp_dtype):
-            outputs.append(model(xb).float())
+            outputs.append(tree_map(torch.Tensor.float, model(xb)))
         targets.append(yb)
-    gathered = every_rank((torch.cat(outputs).cpu(), torch.cat(targets).cpu()))
-    out, y = (torch.cat(parts) for parts in zip(*gathered))
+    gathered = every_rank(tree_map(torch.Tensor.cpu, (cat_rows(outputs), cat_rows(targets))))
+    out, y = cat_rows(gathered)
     rows = objective.row_losses(out, y)
     return {"loss": rows.mean().item(), **objective.metrics(out, y)}, rows, y
 
 
 @torch.inference_mode()
-def predict(model, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Raw model outputs for every row of x, float32 on the CPU."""
+def predict(model, x, batch_size: int = 1024) -> torch.Tensor:
+    """Raw model outputs for every row of x (inputs as a split holds them), float32 on the CPU."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([model(xb.to(device)).float().cpu() for xb in x.split(batch_size)])
+    return torch.cat([model(tree_map(lambda t: t.to(device), rows_of(x, slice(i, i + batch_size))))
+                      .float().cpu() for i in range(0, rows_in(x), batch_size)])
 
 
 # ============================================================================= checkpoints, resume
@@ -384,6 +486,7 @@ class Run:
     tally: dict | None = None  # after a mid-epoch stop: where the next epoch goes on
     last_rows: torch.Tensor | None = None  # the last epoch's per-row validation losses
     saved_at: float = 0.0  # when last.pt was last written at an epoch's end (time.monotonic)
+    trainable: list | None = None  # each parameter's requires_grad as train_model was wrapped
 
 
 def path_of(cfg: TrainingConfig, name: str) -> Path:
@@ -404,6 +507,7 @@ def save_last(run: Run, position: dict | None = None) -> None:
         **model_state(run, run.progress["epoch"]), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler else None, "position": position,
         "scaler": run.scaler.state_dict(), "rng": rng_states(),
+        "trainable": [parameter.requires_grad for parameter in run.model.parameters()],
         "progress": {**run.progress, "history": json.dumps(run.progress["history"])}})  # one string
 
 
@@ -422,7 +526,8 @@ def load_checkpoint(path: Path) -> dict:
 
 def model_from_checkpoint(checkpoint: dict, path="the checkpoint") -> nn.Module:
     """The model a checkpoint holds: build_model as recorded, its weights, eval mode, on the CPU."""
-    model = build_model(**checkpoint["model_args"], cfg=config_of(checkpoint))
+    cfg = config_of(checkpoint)
+    model = build_model(**checkpoint["model_args"], meta=checkpoint["meta"], cfg=cfg)
     load_weights(model, checkpoint, path)
     return model.eval()
 
@@ -466,6 +571,8 @@ def restore(run: Run, last: dict) -> None:
             run.scheduler.load_state_dict(last["scheduler"])
         run.scaler.load_state_dict(last["scaler"])
         restore_rng_states(last["rng"][run.rank])
+        for parameter, trains in zip(run.model.parameters(), last["trainable"], strict=True):
+            parameter.requires_grad_(trains)  # as start_epoch left them
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         fail(f"{path} cannot be resumed (incomplete, or of another optimizer): {first_line(e)}")
     if run.progress["best_epoch"] and not best.is_file():
@@ -528,12 +635,12 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     batch = cfg.batch_size or int(np.clip(2 ** round(math.log2(max(n_train, 1) / 64)), 16, 512))
     cfg = replace(cfg, batch_size=batch, loader=choose_loader(cfg, device, data))
     if cfg.loader == "memory":  # the data goes to the device once, not batch by batch
-        data = {**data, **{s: tuple(t.to(device) for t in data[s]) for s in ("train", "val")}}
+        data = {**data, **{s: tree_map(lambda t: t.to(device), data[s]) for s in ("train", "val")}}
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x float32's speed on Ampere+
     objective = build_objective(data["meta"], cfg)
-    model_args = {"in_shape": tuple(data["train"][0][0].shape), "out_features": objective.outputs}
-    model = build_model(**model_args, cfg=cfg).to(device)
+    model_args = {"in_shape": input_shape(data["train"]), "out_features": objective.outputs}
+    model = build_model(**model_args, meta=data["meta"], cfg=cfg).to(device)
     eval_model, train_model = wrap_model(model, cfg, device, world)
     steps = math.ceil(math.ceil(math.ceil(n_train / world) / batch) / cfg.grad_accum_steps)
     optimizer, scheduler, when = build_optimizer(model, cfg, steps)
@@ -546,6 +653,7 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
                 "run": run_id, "reference": None}
     run = Run(cfg, device, rank, world, amp_dtype, data, objective, model, eval_model, train_model,
               model_args, optimizer, scheduler, when, scaler, steps, progress)
+    run.trainable = [parameter.requires_grad for parameter in model.parameters()]
     if cfg.eval_only:
         evaluated_run(run)
     elif last is not None:
@@ -579,10 +687,10 @@ def evaluated_run(run: Run) -> None:
 def split_batches(run: Run, split: str, epoch: int | None = None, start: int = 0):
     """This rank's pass over a split: shuffled for an epoch, in order for evaluation (None). A
     resumed epoch starts `start` rows into this rank's share: nothing replayed or skipped."""
-    seed = None if epoch is None else run.cfg.seed + epoch
+    cfg, seed = run.cfg, None if epoch is None else run.cfg.seed + epoch
     rows = shard_rows(split_rows(run.data[split]), run.rank, run.world, seed)[start:]
-    cfg = run.cfg
-    return iterate_batches(run.data[split], cfg.batch_size, rows, run.device, cfg.num_workers)
+    key = None if epoch is None else (cfg.seed, epoch, run.rank)  # seeds a training batch's draws
+    return iterate_batches(run.data[split], cfg.batch_size, rows, run.device, cfg.num_workers, key)
 
 
 def fit(run: Run, stop: dict, argv: list[str]) -> None:
@@ -598,6 +706,9 @@ def fit(run: Run, stop: dict, argv: list[str]) -> None:
                 break
             started = time.perf_counter()
             tally, run.tally = run.tally, None  # only a mid-epoch resume's first epoch has one
+            if tally is None:  # an epoch resumed part-way began before the stop: last.pt holds it
+                start_epoch(epoch, run.model, run.optimizer, run.scheduler, cfg)
+            follow_trainable(run, epoch)
             batches = split_batches(run, "train", epoch, tally["rows"] if tally else 0)
             scheduler = run.scheduler if run.when == "step" else None
             after_step = partial(step_done, run, epoch, stop)
@@ -619,6 +730,24 @@ def fit(run: Run, stop: dict, argv: list[str]) -> None:
         save_progress(run)
     if stop["signal"] is not None:
         exit_resumable(run, stop, argv)
+
+
+def follow_trainable(run: Run, epoch: int) -> None:
+    """After start_epoch: a change in which parameters train is logged, and under DDP the model is
+    wrapped anew (the old wrapper freed first: its reducer removes its hooks as it goes)."""
+    trainable = [parameter.requires_grad for parameter in run.model.parameters()]
+    if trainable == run.trainable:
+        return
+    if not any(trainable):
+        fail(f"epoch {epoch}: no parameter requires a gradient (did start_epoch freeze them all?)")
+    sizes = [(parameter.numel(), parameter.requires_grad) for parameter in run.model.parameters()]
+    log.info("epoch %d: %d of %d parameters train", epoch, sum(n for n, t in sizes if t),
+             sum(n for n, _ in sizes))
+    if run.world > 1:
+        run.train_model = None
+        gc.collect()
+        run.train_model = data_parallel(run.eval_model, run.device, run.world)
+    run.trainable = trainable
 
 
 # Under DDP, how often (in steps) the ranks compare stop flags: a small collective, not one a step.
@@ -653,7 +782,7 @@ def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows, seconds: 
                  f"extreme values in the data. This epoch is not saved; best_model.pt {kept}")
     metrics = {f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))}
     entry = {"epoch": epoch, "train_loss": trained.pop("loss"), **metrics, **trained,
-             "lr": run.optimizer.param_groups[0]["lr"], "seconds": seconds}
+             **learning_rates(run.optimizer), "seconds": seconds}
     if cfg.best_metric not in entry:
         fail(f"--best-metric {cfg.best_metric} is not a validation metric of this objective, which "
              f"reports {', '.join(metrics)}")
@@ -678,6 +807,12 @@ def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows, seconds: 
         due = any(every_rank(due))  # the ranks save together: saving gathers their random streams
     if due:
         save_progress(run)
+
+
+def learning_rates(optimizer) -> dict:
+    """The history's "lr": parameter group 0's rate; with more groups, also lr_1, lr_2, ..."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    return {"lr": rates[0], **{f"lr_{i}": rate for i, rate in enumerate(rates[1:], 1)}}
 
 
 # last.pt and history.json are written at an epoch's end when this many seconds have passed since
@@ -711,7 +846,7 @@ def report(run: Run) -> dict:
     _, best_rows, y_val = evaluation(split_batches(run, "val"))
     test, _, _ = evaluation(split_batches(run, "test"))
     base = None if objective.baseline is None else objective.row_losses(
-        objective.baseline.expand(len(y_val), -1), y_val)
+        objective.baseline.expand(rows_in(y_val), -1), y_val)
     rows = {"best": best_rows, "last": last_rows, "reference": progress["reference"], "base": base}
     diagnosis = diagnose(progress["history"], progress["best_epoch"], rows, cfg)
     result = {**test, "rows": split_rows(run.data["test"]), "best_epoch": progress["best_epoch"],
@@ -914,7 +1049,7 @@ def source_digest(cfg: TrainingConfig) -> str | None:
     which a copy (cp -p, rsync -a) keeps through an edit; None while there is no copy."""
     path = Path(cfg.dataset)
     files = [path] if path.is_file() else sorted(filter(Path.is_file, saved_copy(cfg).rglob("*")))
-    sha = hashlib.sha256(b"columns 4")  # bump when reading a table changes
+    sha = hashlib.sha256(b"columns 5")  # bump when reading a table changes
     for file in files:
         with open(file, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -940,8 +1075,13 @@ def load_table(cfg: TrainingConfig):
         fail(f"--dataset {source}: not one of {', '.join(LOADERS)}")
     if path.is_file() and path.stat().st_size == 0:
         fail(f"--dataset {source}: the file is empty")
-    if path.is_file() or saved.exists() or source in BUNDLED:
+    bundled = BUNDLED[source] if source in BUNDLED and BUNDLED[source].is_file() else None
+    if path.is_file() or saved.exists() or bundled:
         os.environ["HF_HUB_OFFLINE"] = "1"  # huggingface_hub reads it once, at import: set it first
+    elif source in BUNDLED and not hub_reachable():  # a copy of train.py without its datasets/
+        fail(f"--dataset {source}: {BUNDLED[source]} is missing and the Hugging Face hub cannot be "
+             f"reached: copy datasets/{BUNDLED[source].name} from the template beside train.py, "
+             "or run once with a network")
     elif not hub_reachable():
         fail(f"--dataset {source} is not saved under {cfg.datasets_dir}/, and the Hugging Face hub "
              "cannot be reached: run once with a network, or pass a local file")
@@ -963,9 +1103,8 @@ def load_table(cfg: TrainingConfig):
                 table = datasets.load_from_disk(str(saved), keep_in_memory=True)
             else:
                 log.info("saving %s under %s, once: later runs read it there", source, saved.parent)
-                bundled = str(BUNDLED.get(source, ""))
-                table = read("csv", data_files=bundled, cache_dir=cache, **csv_as_is) if bundled \
-                    else read(source, cache_dir=cache)
+                table = read("csv", data_files=str(bundled), cache_dir=cache, **csv_as_is) \
+                    if bundled else read(source, cache_dir=cache)
                 unfinished = saved.with_name(f".{saved.name}.{os.getpid()}.tmp")  # renamed, whole
                 with suppress(OSError):  # a read-only datasets_dir: read again next time
                     table.save_to_disk(str(unfinished))
@@ -1059,8 +1198,6 @@ def read_column(values: np.ndarray, name: str, as_category: bool, rows: np.ndarr
             i = int(np.argmax(text))  # mostly numbers, a few words: a typo, not categories
             fail(f"column {name!r} holds a word, {values[i]!r}, among numbers in row {rows[i] + 1}:"
                  f" fix it, or pass --categorical-columns {name} to read the column as categories")
-        if (as_category or text.any()) and len(names) < 2:
-            return {"kind": "left out", "why": "constant"}
         if not as_category and text.any() and len(names) > max(20, len(values) // 2):
             return {"kind": "left out", "why": f"text, {len(names)} distinct in {len(values)} rows"}
         if as_category or text.any():
@@ -1069,9 +1206,7 @@ def read_column(values: np.ndarray, name: str, as_category: bool, rows: np.ndarr
     if missing == "error" and np.isnan(numbers).any():
         row = rows[int(np.argmax(np.isnan(numbers)))] + 1
         fail(f"column {name!r} has a blank cell in row {row}, and --missing is error")
-    filled = numbers[~np.isnan(numbers)]
-    if len(filled) == 0 or (len(filled) == len(numbers) and filled.min() == filled.max()):
-        return {"kind": "left out", "why": "constant"}  # nothing to learn from
+    # A constant column stays an input (0 once standardized): a model built for 64 pixels gets 64.
     return {"kind": "numeric", "values": torch.from_numpy(numbers)}
 
 
@@ -1221,6 +1356,44 @@ def describe_columns(table: dict, spec: dict) -> list[str]:
         more = f", ... ({len(plain)} columns)" if len(plain) > 12 else ""
         lines.insert(0, f"numeric: {', '.join(plain[:12])}{more}")
     return lines + [f"{name}: left out ({why})" for name, why in table["notes"].items()]
+
+
+def table_predict_inputs(text: str, meta: dict) -> tuple[torch.Tensor, list[str]]:
+    """predict_inputs' default: raw rows, "5.1,3.5;6.7,3.0" (cells in the order of the features),
+    or a CSV file, whose header, when it names the features (in any order, others ignored), maps
+    the cells by name; each row's cells label it in the printout."""
+    if "preprocess" not in meta:
+        fail("--predict reads raw table rows, and best_model.pt was trained on data of your own: "
+             "make predict_inputs read yours (or load it with model_from_checkpoint)")
+    names, rows, is_file = meta["features"], [], False
+    with suppress(OSError):  # a name too long for a file: rows, then
+        is_file = Path(text).is_file()
+    if is_file or text.lower().endswith(".csv"):
+        try:
+            with open(text, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM, not a name
+                rows = [r for r in csv.reader(f) if r]
+        except OSError as e:
+            fail(f"--predict {text}: {e.strerror or e}")
+        except (UnicodeDecodeError, csv.Error) as e:
+            fail(f"--predict {text}: not a UTF-8 CSV file ({first_line(e)})")
+        header = [c.strip() for c in rows[0]] if rows else []
+        if set(names) <= set(header):
+            short = [i for i, r in enumerate(rows[1:], 1) if len(r) != len(header)]
+            if short:  # a row that lost a cell is never read out of line with the header
+                cells = len(rows[short[0]])
+                fail(f"--predict row {short[0]} has {cells} values, and the header {len(header)}")
+            rows = [dict(zip(header, r)) for r in rows[1:]]
+    else:
+        rows = [r.split(",") for r in text.split(";") if r.strip()]
+    if not rows:
+        fail(f"--predict: no rows given; expected {len(names)} values: {', '.join(names)}")
+    inputs, unseen = rows_to_inputs(rows, meta)
+    for name, count in unseen.items():
+        if count:
+            log.warning("%d row(s) have a %r category training never saw: it counts as other",
+                        count, name)
+    raw = [[r[n] for n in names] if isinstance(r, dict) else r for r in rows]
+    return inputs, [", ".join(str(c).strip() for c in row) for row in raw]
 
 
 def rows_to_inputs(rows, meta: dict) -> tuple[torch.Tensor, dict]:
@@ -1444,7 +1617,7 @@ def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int
     metric = cfg.best_metric if cfg.best_metric != "val_loss" else next(
         (k for k in history[0] if k.startswith("val_") and k != "val_loss"), "val_loss")
     panels = {"Loss": ("train_loss", "val_loss"), f"Validation {metric[4:]}": (metric,),
-              "Learning rate": ("lr",),
+              "Learning rate": [k for k in history[-1] if re.fullmatch(r"lr(_\d+)?", k)],
               "Gradient norm, before clipping": ("grad_norm", "grad_norm_max")}
     fig = Figure(figsize=(18, 4.3))
     fig.suptitle(title, fontsize=10)
@@ -1545,7 +1718,7 @@ def choose_loader(cfg: TrainingConfig, device: torch.device, data: dict) -> str:
         return "dataloader"
     if cfg.loader != "auto" or device.type != "cuda":  # CPU and MPS: the data already sits there
         return "memory" if cfg.loader == "auto" else cfg.loader
-    size = sum(t.numel() * t.element_size() for s in ("train", "val") for t in data[s])
+    size = sum(t.numel() * t.element_size() for s in ("train", "val") for t in tensors_in(data[s]))
     return "memory" if size < torch.cuda.mem_get_info(device)[0] // 4 else "dataloader"
 
 
@@ -1659,6 +1832,15 @@ def rng_states() -> list[dict]:
                        "torch": torch.get_rng_state(), "cuda": cuda})
 
 
+def seed_streams(key: tuple, torch_too: bool = True) -> None:
+    """Python's, NumPy's and (torch_too) torch's CPU random streams seeded from key, ints."""
+    seed = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
+    random.seed(seed)
+    np.random.seed(seed)
+    if torch_too:
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed CUDA's too
+
+
 def restore_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     states["numpy"]["state"]["key"] = np.array(states["numpy"]["state"]["key"], dtype=np.uint32)
@@ -1713,13 +1895,19 @@ def wrap_model(model: nn.Module, cfg: TrainingConfig, device: torch.device, worl
     if cfg.compile and device.type == "cpu" and not any(map(shutil.which, ("cc", "gcc", "clang"))):
         fail("--compile on CPU needs a C++ compiler (gcc or clang): install one, or drop it")
     eval_model = torch.compile(model) if cfg.compile else model
+    return eval_model, data_parallel(eval_model, device, world)
+
+
+def data_parallel(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """model in DistributedDataParallel under torchrun. DDP reduces the gradients of the parameters
+    that required them when it was made: fit makes it anew when start_epoch changes which do."""
     if world == 1:
-        return eval_model, eval_model
+        return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     group = dist.new_group()  # of its own: DDP holds its group to the end (see distributed)
-    return eval_model, DistributedDataParallel(eval_model, device_ids=ids, process_group=group)
+    return DistributedDataParallel(model, device_ids=ids, process_group=group)
 
 
 @contextmanager
@@ -1835,8 +2023,9 @@ def show_epoch(run: Run, view: dict) -> None:
     last, cfg = run.progress["history"][-1], run.cfg
     if last["epoch"] in (1, cfg.epochs) or last["epoch"] % cfg.log_every == 0:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
-        log.info("epoch %3d/%d  train_loss %.4f  %s  lr %.2e  %.2fs", last["epoch"], cfg.epochs,
-                 last["train_loss"], scores, last["lr"], last["seconds"])
+        rates = "/".join(f"{v:.2e}" for k, v in last.items() if re.fullmatch(r"lr(_\d+)?", k))
+        log.info("epoch %3d/%d  train_loss %.4f  %s  lr %s  %.2fs", last["epoch"], cfg.epochs,
+                 last["train_loss"], scores, rates, last["seconds"])
     if view["bar"] is not None:
         view["bar"].update(1)
         view["bar"].set_postfix(train_loss=f"{last['train_loss']:.4g}",
@@ -1847,53 +2036,21 @@ def show_epoch(run: Run, view: dict) -> None:
 
 
 def predict_from_cli(cfg: TrainingConfig) -> list[str]:
-    """Print best_model.pt's prediction for each raw row of cfg.predict: "5.1,3.5;6.7,3.0" (cells
-    in the order of its features) or a CSV file, whose header, when it names the features (in
-    any order, others ignored), maps the cells by name. Trains nothing, writes nothing."""
+    """Print best_model.pt's prediction for each input predict_inputs reads from cfg.predict.
+    Trains nothing, writes nothing."""
     path = path_of(cfg, "best_model.pt")
     checkpoint = load_checkpoint(path)
-    meta, rows = checkpoint["meta"], []
-    if "preprocess" not in meta:
-        fail(f"--predict reads raw table rows, and {path} was trained on data of your own seam: "
-             "load it with model_from_checkpoint and call the model")
-    names = meta["features"]
-    is_file = False
-    with suppress(OSError):  # a name too long for a file: rows, then
-        is_file = Path(cfg.predict).is_file()
-    if is_file or cfg.predict.lower().endswith(".csv"):
-        try:
-            with open(cfg.predict, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM, no name
-                rows = [r for r in csv.reader(f) if r]
-        except OSError as e:
-            fail(f"--predict {cfg.predict}: {e.strerror or e}")
-        except (UnicodeDecodeError, csv.Error) as e:
-            fail(f"--predict {cfg.predict}: not a UTF-8 CSV file ({first_line(e)})")
-        header = [c.strip() for c in rows[0]] if rows else []
-        if set(names) <= set(header):
-            short = [i for i, r in enumerate(rows[1:], 1) if len(r) != len(header)]
-            if short:  # a row that lost a cell is never read out of line with the header
-                cells = len(rows[short[0]])
-                fail(f"--predict row {short[0]} has {cells} values, and the header {len(header)}")
-            rows = [dict(zip(header, r)) for r in rows[1:]]
-    else:
-        rows = [r.split(",") for r in cfg.predict.split(";") if r.strip()]
-    if not rows:
-        fail(f"--predict: no rows given; expected {len(names)} values: {', '.join(names)}")
+    saved = config_of(checkpoint)
     try:
-        inputs, unseen = rows_to_inputs(rows, meta)
+        inputs, labels = predict_inputs(cfg.predict, checkpoint["meta"], saved)
     except ValueError as e:
         fail(f"--predict {e}")
     outputs = predict(model_from_checkpoint(checkpoint, path), inputs)
     bad = (~torch.isfinite(outputs)).any(dim=-1).nonzero().flatten().tolist()
     if bad:
         fail(f"--predict row {bad[0] + 1}: the model's output is not finite (a huge value?)")
-    for name, count in unseen.items():
-        if count:
-            log.warning("%d row(s) have a %r category training never saw: it counts as other",
-                        count, name)
-    raw = [[r[n] for n in names] if isinstance(r, dict) else r for r in rows]
-    texts = build_objective(meta, config_of(checkpoint)).describe(outputs)
-    lines = [", ".join(str(c).strip() for c in row) + f" -> {t}" for row, t in zip(raw, texts)]
+    texts = build_objective(checkpoint["meta"], saved).describe(outputs)
+    lines = [f"{label} -> {text}" for label, text in zip(labels, texts)]
     print("\n".join(lines))
     return lines
 

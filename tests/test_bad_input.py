@@ -138,7 +138,7 @@ def test_a_damaged_checkpoint_is_refused_clearly(tmp_path, damage):
         if damage == "old version":
             checkpoint["version"] = 0
         else:  # the same model's weights, built for more inputs
-            checkpoint["model"] = train.build_model((7,), 3, train.TrainingConfig()).state_dict()
+            checkpoint["model"] = train.build_model((7,), 3, {}, train.TrainingConfig()).state_dict()
         torch.save(checkpoint, last)
     expected = {"truncated": "not a readable checkpoint", "garbage": "not a readable checkpoint",
                 "old version": "not of this train.py", "other model": "shaped for another model"}[damage]

@@ -39,7 +39,7 @@ def test_a_small_noisy_table_a_large_model_and_no_regularization_reads_overfitti
     y = ((x[:, 0] + x[:, 1] + rng.normal(scale=1.0, size=2400)) > 0).astype(int)
     source = table(tmp_path / "noisy.csv", x[:200], y[:200])
     truth = torch.tensor(x[200:], dtype=torch.float32), torch.tensor(y[200:])  # a large held-out set
-    monkeypatch.setattr(train, "build_model", lambda in_shape, out_features, cfg: nn.Sequential(
+    monkeypatch.setattr(train, "build_model", lambda in_shape, out_features, meta, cfg: nn.Sequential(
         nn.Linear(in_shape[0], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, out_features)))
     losses, real_record = [], train.record_epoch
 

@@ -75,7 +75,7 @@ def signal_during_epoch(monkeypatch, epoch: int, signum: int) -> None:
     monkeypatch.setattr(train, "train_one_epoch", train_one_epoch)
 
 
-def dropout_model(in_shape, out_features, cfg):
+def dropout_model(in_shape, out_features, meta, cfg):
     """A model that draws random numbers every step: a resume must restore their stream."""
     return nn.Sequential(nn.Linear(in_shape[0], 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, out_features))
 

@@ -151,7 +151,7 @@ def test_a_cli_run_is_offline_and_builds_its_cache_from_a_bundled_copy(tmp_path)
 def test_every_path_builds_the_model_through_build_model(tmp_path, monkeypatch, capsys):
     built = []
 
-    def another_model(in_shape, out_features, cfg):
+    def another_model(in_shape, out_features, meta, cfg):
         built.append((in_shape, out_features))
         return nn.Sequential(nn.Linear(in_shape[0], 8), nn.Tanh(), nn.Linear(8, out_features))
 
