@@ -3,12 +3,16 @@ whose first line is "# example: NAME", copy only train.py and test.py into an em
 the block there (each function or class it defines replaces the one of that name in train.py, or
 joins them before build_data), set the TrainingConfig defaults its "# TrainingConfig defaults:"
 line names (adding the new fields), write the example's data, then run `python train.py` and
-`python -m pytest -q test.py`. Both must pass, and the suite must have run the swapped seam.
+`python -m pytest -q test.py`. Both must pass, and the suite must have run the swapped seam. Then
+a run stopped by SIGTERM inside epoch 2 (with --num-workers 2) and resumed must end with the same
+weights and history as the run never stopped; and a "# predict: TEXT" line must print a
+prediction for each of TEXT's inputs.
 
     python .ci/examples.py [NAME ...]
 """
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -16,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 # The tests that run each seam: all of them must pass in every example's folder.
@@ -43,6 +48,42 @@ def write_tables(folder: Path) -> None:
     for grade, centre in zip("ABCD", ((0, 0, 0, 0), (3, 0, 3, 0), (0, 3, 0, 3), (3, 3, 3, 3))):
         rows += [",".join(f"{v:.3f}" for v in row) + f",{grade}\n" for row in rng.normal(centre, 1.0, size=(60, 4))]
     (folder / "grades.csv").write_text("length,width,height,weight,grade\n" + "".join(rows))
+
+
+# The finetune example's backbone.pt: pretrained on a source task of the same kind as grades.csv
+# (another draw of its recipe), as a backbone from elsewhere would be.
+PRETRAIN = """
+import numpy as np, torch, train
+rng = np.random.default_rng(11)
+y = rng.integers(0, 4, 2000)
+x = rng.normal(np.array([(0, 0, 0, 0), (3, 0, 3, 0), (0, 3, 0, 3), (3, 3, 3, 3)])[y], 1.0)
+x, y = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32), torch.tensor(y)
+torch.manual_seed(0)
+net, head = train.backbone(4), torch.nn.Linear(32, 4)
+optimizer = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=0.01)
+for _ in range(300):
+    optimizer.zero_grad()
+    torch.nn.functional.cross_entropy(head(net(x)), y).backward()
+    optimizer.step()
+torch.save(net.state_dict(), "backbone.pt")
+"""
+
+# train.main, sent SIGTERM as last.pt saves epoch 2, step 2: the loop stops after the next step.
+STOP = """
+import os, signal, sys
+import train
+
+real_save = train.save_checkpoint
+
+def save_then_stop(path, state):
+    real_save(path, state)
+    position = state.get("position")
+    if position and (position["epoch"], position["steps"]) == (2, 2):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+train.save_checkpoint = save_then_stop
+train.main(sys.argv[1:])
+"""
 
 
 def examples() -> dict[str, str]:
@@ -82,8 +123,33 @@ def apply(source: str, code: str) -> str:
     return source
 
 
+def command(folder: Path, name: str, *args: str, expect: int = 0) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=folder, capture_output=True, text=True, timeout=900)
+    tail = (result.stdout + result.stderr).strip().splitlines()
+    shown = "-c PRETRAIN (writes backbone.pt)" if args[0] == "-c" else " ".join(args)
+    print("$", shown, "->", tail[-1] if tail else "", flush=True)
+    if result.returncode != expect:
+        raise SystemExit(f"example {name}: {' '.join(args)} exited {result.returncode}, not {expect}:\n"
+                         f"{result.stdout}{result.stderr}")
+    return result.stdout
+
+
+def same_end(folder: Path, name: str) -> None:
+    """The stopped and resumed run ended where the run never stopped did: weights and history."""
+    ends = [torch.load(folder / d / "last.pt", weights_only=True) for d in ("checkpoints", "stopped/checkpoints")]
+    different = [k for k in ends[0]["model"] if not torch.equal(ends[0]["model"][k], ends[1]["model"][k])]
+    histories = [[{k: v for k, v in h.items() if k != "seconds"} for h in json.loads(e["progress"]["history"])]
+                 for e in ends]
+    if different or histories[0] != histories[1]:
+        raise SystemExit(f"example {name}: stopped and resumed, the run ended elsewhere: "
+                         f"{', '.join(different) or 'the history differs'}")
+    print(f"stopped in epoch 2 and resumed: {len(ends[0]['model'])} tensors and {len(histories[0])} epochs "
+          "of history identical to the run never stopped", flush=True)
+
+
 def run(name: str, code: str) -> None:
     settings = re.search(r"^# TrainingConfig defaults: (.*)$", code, re.M)
+    to_predict = re.search(r"^# predict: (.*)$", code, re.M)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         source = apply((REPO / "train.py").read_text(), code)
@@ -91,17 +157,25 @@ def run(name: str, code: str) -> None:
         (folder / "test.py").write_text((REPO / "test.py").read_text())
         write_tables(folder)
         print(f"example {name}: {folder}", flush=True)
-        for command in ([sys.executable, "train.py"],
-                        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "test.py"]):
-            result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=900)
-            tail = (result.stdout + result.stderr).strip().splitlines()
-            print("$", " ".join(command[1:]), "->", tail[-1] if tail else "", flush=True)
-            if result.returncode != 0:
-                raise SystemExit(f"example {name}: {' '.join(command[1:])} failed:\n{result.stdout}{result.stderr}")
-        passed = set(re.findall(r"^PASSED test\.py::(\w+)", result.stdout, re.M))
+        if "def backbone(" in code:
+            command(folder, name, "-c", PRETRAIN)
+        command(folder, name, "train.py")
+        tested = command(folder, name, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "test.py")
+        passed = set(re.findall(r"^PASSED test\.py::(\w+)", tested, re.M))
         missing = [test for test in SEAM_TESTS if test not in passed]
         if missing:
             raise SystemExit(f"example {name}: the suite did not run {', '.join(missing)}")
+        (folder / "stop.py").write_text(STOP)
+        elsewhere = ["--checkpoint-dir", "stopped/checkpoints", "--output-dir", "stopped/training-loop",
+                     "--num-workers", "2"]
+        command(folder, name, "stop.py", *elsewhere, "--save-every-steps", "1", expect=143)
+        command(folder, name, "train.py", *elsewhere, "--resume")
+        same_end(folder, name)
+        if to_predict:
+            text = to_predict[1].strip().strip('"')
+            lines = command(folder, name, "train.py", "--predict", text).strip().splitlines()
+            if len(lines) != len(text.split(";")):
+                raise SystemExit(f"example {name}: --predict {text!r} printed {lines}")
 
 
 def main() -> None:
