@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LOOP, DEEP = ["test.py"], ["tests"]
+LOOP, DEEP, SEAMS = ["test.py"], ["tests"], ["tests/test_seams.py"]
 
 # name: (the suite that must catch it, [(text in train.py, what the broken edit makes of it), ...])
 EDITS = {
@@ -28,12 +28,12 @@ EDITS = {
         ("        if scheduler is not None:\n            scheduler.step()\n", ""),
         ("    elif run.when == \"epoch\" and run.scheduler is not None:", "    elif run.scheduler is not None:")]),
     "training loss summed without detach()": (LOOP, [
-        ("loss_sum += loss.detach().float() * len(yb)", "loss_sum = loss_sum + loss.float() * len(yb)")]),
+        ("loss_sum += loss.detach().float() * n", "loss_sum = loss_sum + loss.float() * n")]),
     "shuffling turned off": (LOOP, [
-        ("    seed = None if epoch is None else run.cfg.seed + epoch\n", "    seed = None\n")]),
+        ("    cfg, seed = run.cfg, None if epoch is None else run.cfg.seed + epoch\n", "    cfg, seed = run.cfg, None\n")]),
     "the same shuffle every epoch": (LOOP, [
-        ("    seed = None if epoch is None else run.cfg.seed + epoch\n",
-         "    seed = None if epoch is None else run.cfg.seed\n")]),
+        ("    cfg, seed = run.cfg, None if epoch is None else run.cfg.seed + epoch\n",
+         "    cfg, seed = run.cfg, None if epoch is None else run.cfg.seed\n")]),
     "no model.train()": (LOOP, [("    model.train()\n", "")]),
     "no model.eval() in evaluate": (LOOP, [
         ("    model.eval()\n    device = next(model.parameters()).device\n    outputs, targets",
@@ -41,8 +41,8 @@ EDITS = {
     "no inference_mode in evaluate": (LOOP, [("@torch.inference_mode()\ndef evaluate(", "def evaluate(")]),
     "gradients not zeroed": (LOOP, [("            optimizer.zero_grad(set_to_none=True)\n", "            pass\n")]),
     "training loss averaged per batch": (LOOP, [
-        ("loss_sum += loss.detach().float() * len(yb)", "loss_sum += loss.detach().float()"),
-        ("        rows += len(yb)\n        if not step_now:", "        rows += 1\n        if not step_now:")]),
+        ("loss_sum += loss.detach().float() * n", "loss_sum += loss.detach().float()"),
+        ("        rows += n\n        if not step_now:", "        rows += 1\n        if not step_now:")]),
     "validation loss averaged per batch": (LOOP, [
         ('    return {"loss": rows.mean().item(), **objective.metrics(out, y)}, rows, y',
          '    per_batch = [objective.row_losses(o, t).mean() for o, t in zip(outputs, targets)]\n'
@@ -104,6 +104,31 @@ EDITS = {
         ('    if rows["reference"] is not None and not stopped_early', '    if False and not stopped_early')]),
     "not learning judged without the base rates": (DEEP, [
         ('    learnt = "gain" not in evidence or gain[0] > z * gain[1]', "    learnt = True")]),
+    "a training batch's random draws not seeded by its place": (SEAMS, [
+        ("    key = None if epoch is None else (cfg.seed, epoch, run.rank)", "    key = None")]),
+    "a batch's seeded draws leave the model's stream reseeded": (SEAMS, [
+        ("        torch.set_rng_state(model_stream)\n", "        pass\n")]),
+    "where a batch was fetched shows in Python's and NumPy's streams": (SEAMS, [
+        ("            seed_streams((*key, -1), torch_too=False)", "            pass")]),
+    "a Dataset's collate_fn ignored": (SEAMS, [
+        ('    return getattr(split, "collate_fn", None) or default_collate', "    return default_collate")]),
+    "a Subset hides its dataset's collate_fn": (SEAMS, [
+        ('    while isinstance(split, Subset) and not hasattr(split, "collate_fn"):\n        split = split.dataset\n', "")]),
+    "a resume forgets which parameters start_epoch froze": (SEAMS, [
+        ("            parameter.requires_grad_(trains)  # as start_epoch left them", "            pass")]),
+    "start_epoch run again for an epoch resumed part-way": (SEAMS, [
+        ("            if tally is None:  # an epoch resumed part-way", "            if True:  # an epoch resumed part-way")]),
+    "DDP not made anew when what trains changes": (SEAMS, [
+        ("        run.train_model = data_parallel(run.eval_model, run.device, run.world)\n", "        pass\n")]),
+    "only parameter group 0's rate recorded": (SEAMS, [
+        ('    return {"lr": rates[0], **{f"lr_{i}": rate for i, rate in enumerate(rates[1:], 1)}}', '    return {"lr": rates[0]}')]),
+    "constant columns left out again": (SEAMS, [
+        ("    return {\"kind\": \"numeric\", \"values\": torch.from_numpy(numbers)}",
+         "    if np.nanmin(numbers) == np.nanmax(numbers):\n        return {\"kind\": \"left out\", \"why\": \"constant\"}\n"
+         "    return {\"kind\": \"numeric\", \"values\": torch.from_numpy(numbers)}")]),
+    "the bundled copy assumed present": (SEAMS, [
+        ("    bundled = BUNDLED[source] if source in BUNDLED and BUNDLED[source].is_file() else None",
+         "    bundled = BUNDLED.get(source)")]),
     "overfitting called on any rise, noise or not": (DEEP, [
         ('    rose = learnt and rise[0] > z * rise[1] and rise[0] > evidence["material"]', "    rose = learnt and rise[0] > 0")]),
 }
