@@ -1,4 +1,4 @@
-"""Smoke checks for your copy of train.py: `python -m pytest -q test.py` (5 s here, on 2 cores).
+"""Smoke checks for your copy of train.py: `python -m pytest -q test.py` (8 to 10 s on 2 cores).
 
 They run your loop: the model build_model makes, the objective build_objective makes, the
 optimizer and scheduler build_optimizer makes, on a slice of the data build_data gives, all with
