@@ -1,18 +1,21 @@
-"""Smoke checks for your copy of train.py: `python -m pytest -q test.py` (8 to 10 s on 2 cores).
+"""Smoke checks for your copy of train.py: `python -m pytest -q test.py` (9 to 11 s on 2 cores).
 
 They run your loop: the model build_model makes, the objective build_objective makes, the
 optimizer and scheduler build_optimizer makes, on a slice of the data build_data gives, all with
-your TrainingConfig defaults. Each test checks one thing a training loop must keep true, and
-fails when an edit breaks it. Checks of the table pipeline skip when build_data is your own.
+your TrainingConfig defaults. Each test checks one thing your seams or the loop must keep true,
+and fails, naming the mistake, when an edit breaks it. Checks of the table pipeline skip when
+build_data is your own.
 Every file a run writes goes to a temporary folder; nothing touches the network.
 """
 
 import copy
 import json
+import math
 import os
 import signal
 import socket
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -46,10 +49,13 @@ def no_network(monkeypatch):
 # ------------------------------------------------------------------------ your seams, on a slice
 
 def cut(split, n: int):
-    """The first n rows of a split: tensors, or a torch Dataset (a Subset uses its collate_fn)."""
+    """n rows of a split, spread evenly over it, in order: a file sorted by class, or a rare class,
+    still shows in the slice. Tensors, or a torch Dataset (a Subset uses its collate_fn)."""
+    total = train.split_rows(split)
+    rows = torch.linspace(0, total - 1, min(n, total)).round().long().unique()
     if isinstance(split, tuple):
-        return train.rows_of(split, slice(0, n))
-    return torch.utils.data.Subset(split, range(min(n, len(split))))
+        return train.rows_of(split, rows.to(train.tensors_in(split)[0].device))
+    return torch.utils.data.Subset(split, rows.tolist())
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +74,7 @@ def full_data(cfg) -> dict:
 
 @pytest.fixture(scope="session")
 def data(full_data) -> dict:
-    """Your data seam's splits, cut to SLICE rows each."""
+    """Your data seam's splits, cut to SLICE rows each, spread over them."""
     return {**full_data, **{s: cut(full_data[s], SLICE) for s in ("train", "val", "test")}}
 
 
@@ -95,17 +101,28 @@ def targets_of(split):
     return train.cat_rows([yb for _, yb in train.iterate_batches(split, 1024)])
 
 
-def fitted(data: dict, objective, cfg, steps: int = 30) -> tuple:
-    """Your model after `steps` full-batch AdamW steps on the training slice by your loss, in eval
-    mode; and the slice's inputs and targets."""
+@pytest.fixture(scope="session")
+def fitted(data, objective, cfg) -> tuple:
+    """Your model after 30 full-batch AdamW steps on the training slice by your loss, in eval mode,
+    its outputs there, and the slice's inputs and targets."""
     model = new_model(data, objective, cfg)
     x, y = inputs_of(data["train"]), targets_of(data["train"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(steps):
+    for _ in range(30):
         optimizer.zero_grad(set_to_none=True)
         objective.loss(model(x), y).backward()
         optimizer.step()
-    return model.eval(), x, y
+    with torch.no_grad():
+        return model.eval(), model(x), x, y
+
+
+def starting_outputs(data: dict, objective, cfg, x) -> torch.Tensor:
+    """What a fit must beat: predicting the training base rates, or without them, the untrained
+    model."""
+    if objective.baseline is not None:
+        return objective.baseline.expand(train.rows_in(x), -1)
+    with torch.no_grad():
+        return new_model(data, objective, cfg).eval()(x)
 
 
 def sgd(model: nn.Module, lr: float = 0.01) -> torch.optim.Optimizer:
@@ -149,7 +166,7 @@ def test_meta_loads_with_weights_only_and_the_splits_hold_rows(full_data):
         assert train.split_rows(full_data[split]) > 0, f"the {split} split is empty"
 
 
-def test_the_model_returns_raw_outputs_shaped_for_the_objective(data, objective, cfg):
+def test_the_model_returns_raw_outputs_shaped_for_the_objective(data, objective, cfg, fitted):
     model = new_model(data, objective, cfg).eval()
     with torch.no_grad():
         out = model(inputs_of(data["val"]))
@@ -161,25 +178,18 @@ def test_the_model_returns_raw_outputs_shaped_for_the_objective(data, objective,
     if objective.outputs == 1 and data["meta"].get("task") == "classification":
         # Two classes, one output: a logit, which fitting the training rows takes past 0 and 1. A
         # sigmoid in the model caps it there, and the objective's own then calls every row class 2.
-        model, x, _ = fitted(data, objective, cfg)
-        with torch.no_grad():
-            out = model(x)
+        out = fitted[1]
         assert not ((out >= 0) & (out <= 1)).all(), "return a logit: the objective has the sigmoid"
 
 
-def test_your_loss_pulls_the_outputs_toward_the_targets(data, objective, cfg):
+def test_your_loss_pulls_the_outputs_toward_the_targets(data, objective, cfg, fitted):
     # Fitted by your loss, the model must beat predicting the base rates on the rows it fitted, as
     # row_losses measures. A loss that misses the targets (huber_loss(out, y) with out N x 1 and y
     # N broadcasts to N x N and fits the mean) lands near 1.0 of the base; a real fit, even of
     # shuffled labels, lands below 0.6.
-    model, x, y = fitted(data, objective, cfg)
-    with torch.no_grad():
-        fit = objective.row_losses(model(x), y).mean()
-        if objective.baseline is None:  # no base rates to predict: the untrained model instead
-            base = new_model(data, objective, cfg).eval()(x)
-        else:
-            base = objective.baseline.expand(len(y), -1)
-        base = objective.row_losses(base, y).mean()
+    _, out, x, y = fitted
+    fit = objective.row_losses(out, y).mean()
+    base = objective.row_losses(starting_outputs(data, objective, cfg, x), y).mean()
     assert fit < 0.9 * base, f"your loss fits the training rows no better than the base: {fit:.4g}"
 
 
@@ -205,6 +215,86 @@ def test_the_objective_scores_whole_splits_in_any_row_order(data, objective, cfg
     assert scalars(scores) == pytest.approx(scalars(shuffled), rel=1e-4, abs=1e-6, nan_ok=True)
     key = cfg.best_metric.removeprefix("val_")
     assert key == "loss" or key in scores, f"--best-metric {cfg.best_metric}: no {key!r} metric"
+
+
+def test_metrics_are_plain_numbers_the_run_and_the_report_can_store(data, objective, cfg, fitted):
+    _, out, x, y = fitted
+    for outputs in (out, starting_outputs(data, objective, cfg, x)):
+        metrics = objective.metrics(outputs, y)
+        for name, value in metrics.items():
+            assert isinstance(value, (int, float, list)), \
+                f"metric {name!r} is a {type(value).__name__}: return a plain number (.item())"
+            infinite = isinstance(value, float) and math.isinf(value)
+            assert not infinite, f"metric {name!r} is {value}: NaN says it cannot be computed"
+        json.dumps(metrics)  # lists (a confusion matrix) of plain numbers only; NaN: not computable
+
+
+def test_the_selection_metric_improves_the_way_the_run_reads_it(data, objective, cfg, fitted):
+    # Fitting the training slice moves the selection metric there the good way, as against the
+    # base rates (or the untrained model): a reversed --mode, or a metric declared the wrong way,
+    # would keep the worst epoch.
+    lower, why = train.lower_is_better(cfg, objective)
+    _, out, x, y = fitted
+    key = cfg.best_metric.removeprefix("val_")
+
+    def value(outputs) -> float:
+        if cfg.best_metric == "val_loss":
+            return objective.row_losses(outputs, y).mean().item()
+        return objective.metrics(outputs, y)[key]
+
+    before, after = value(starting_outputs(data, objective, cfg, x)), value(out)
+    way = "lower" if lower else "higher"
+    if after == before:  # the slice cannot move it (no positive row for a precision): no verdict
+        pytest.skip(f"{cfg.best_metric} is {after:.4g} before and after fitting the slice")
+    assert (after < before) if lower else (after > before), \
+        f"fitting the training rows took {cfg.best_metric} from {before:.4g} to {after:.4g}, and " \
+        f"the run keeps the epoch where it is {way} ({why}): is the direction reversed?"
+    _, scheduler, when = train.build_optimizer(new_model(data, objective, cfg), cfg, 4)
+    if when == "metric" and getattr(scheduler, "mode", None) in ("min", "max"):
+        assert scheduler.mode == ("min" if lower else "max"), \
+            f"the scheduler steps on {cfg.best_metric} in mode {scheduler.mode!r}, and the run " \
+            f"reads {way} as better ({why})"
+
+
+def test_evaluation_gives_the_same_outputs_twice(data, objective, cfg):
+    model = new_model(data, objective, cfg)
+    for split in ("val", "test"):
+        first, rows, _ = train.evaluate(model, batches(data[split], 16), objective)
+        again, rows_again, _ = train.evaluate(model, batches(data[split], 16), objective)
+        same = scalars(first) == pytest.approx(scalars(again), rel=0, abs=0, nan_ok=True)
+        assert torch.equal(rows, rows_again) and same, \
+            f"the same model scored the {split} split twice differently: random augmentation " \
+            "left on for held-out data, or randomness in the model's eval mode?"
+
+
+def fingerprints(split, limit: int = 20_000) -> list[bytes]:
+    """Each row's inputs as bytes (`limit` rows at most, spread evenly): a copy has the same."""
+    n = train.split_rows(split)
+    rows = torch.linspace(0, n - 1, min(n, limit)).round().long().unique()
+    if isinstance(split, tuple):
+        parts = [t[rows.to(t.device)].cpu().reshape(len(rows), -1).numpy() for t in
+                 train.tensors_in(split[0])]
+        joined = np.concatenate([p.view(np.uint8).reshape(len(rows), -1) for p in parts], axis=1)
+        return [row.tobytes() for row in joined]
+    return [b"".join(repr(tuple(t.shape)).encode() + t.cpu().contiguous().numpy().tobytes()
+                     for t in train.tensors_in(split[int(i)][0])) for i in rows]
+
+
+def test_held_out_rows_are_not_copies_of_training_rows(full_data):
+    # Genuine duplicates happen (Iris repeats a few flowers): a held-out row copies some training
+    # row about as often as a training row copies another. Allowed: that rate's count, plus three
+    # standard deviations of it and 2 rows. A split drawn from the training rows is far past it.
+    seen = Counter(fingerprints(full_data["train"]))
+    twins = sum(count for count in seen.values() if count > 1) / sum(seen.values())
+    for split in ("val", "test"):
+        held = fingerprints(full_data[split])
+        copies = sum(row in seen for row in held)
+        expected = twins * len(held)
+        allowed = expected + 3 * math.sqrt(expected * (1 - twins)) + 2
+        assert copies <= allowed, \
+            f"{copies} of {len(held)} {split} inputs are copies of training inputs, where " \
+            f"{twins:.1%} of training inputs copy another ({allowed:.0f} allowed): build the " \
+            f"{split} split from rows training never sees"
 
 
 # ------------------------------------------------------------------------ the loop, piece by piece
@@ -453,8 +543,8 @@ def test_each_epoch_shuffles_training_rows_and_validates_on_validation_rows(monk
 
 
 def test_the_best_checkpoint_is_the_best_monitored_epoch_not_the_last(monkeypatch, sliced, cfg,
-                                                                       fresh):
-    lower = train.lower_is_better(cfg)
+                                                                       data, fresh):
+    lower, _ = train.lower_is_better(cfg, train.build_objective(data["meta"], cfg))
     values = [0.9, 0.5, 0.7, 0.8] if lower else [0.1, 0.5, 0.3, 0.2]  # epoch 2 is the best
     seen = spy(monkeypatch, values)
     summary = train.main(flags(fresh, epochs=4))
@@ -504,6 +594,41 @@ def test_a_stop_mid_epoch_resumes_to_the_same_weights_as_a_run_never_stopped(mon
                                                                                     ["history"])]
                  for c in (a, b)]
     assert histories[0] == histories[1], "the resumed epoch must keep its partial training loss"
+
+
+def test_the_schedule_runs_through_every_epoch_and_resumes_exactly(monkeypatch, data, cfg,
+                                                                    tmp_path):
+    # All the configured epochs, each of 2 steps on 16 training rows: start_epoch, an epoch or a
+    # plateau scheduler act at every boundary. Stopped at the middle epoch's end and resumed, the
+    # run must end where the one never stopped did.
+    tiny = {**data, **{s: cut(data[s], 16) for s in ("train", "val", "test")}}
+    monkeypatch.setattr(train, "build_data", lambda cfg: tiny)
+    whole, stopped = (replace(cfg, checkpoint_dir=str(tmp_path / d / "ck"),
+                              output_dir=str(tmp_path / d / "out")) for d in ("whole", "stopped"))
+    batch = ["--batch-size", str(max(1, 8 // cfg.grad_accum_steps))]
+    train.main(flags(whole, *batch, epochs=cfg.epochs))
+    real, calls = train.evaluate, []
+
+    def signal_at_the_middle(*args, **kwargs):  # the epoch's validation: last.pt at its end
+        calls.append(1)
+        if len(calls) == max(1, cfg.epochs // 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "evaluate", signal_at_the_middle)
+        with pytest.raises(SystemExit):
+            train.main(flags(stopped, *batch, epochs=cfg.epochs))
+    train.main(flags(stopped, *batch, "--resume", epochs=cfg.epochs))
+    a, b = (torch.load(os.path.join(c.checkpoint_dir, "last.pt"), weights_only=True)
+            for c in (whole, stopped))
+    assert a["trainable"] == b["trainable"], "what start_epoch froze must resume as it was"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), \
+        "stopped at an epoch's end and resumed, the run must end with the same weights"
+    steps = [[{k: v for k, v in h.items() if k != "seconds"} for h in json.loads(c["progress"]
+                                                                                ["history"])]
+             for c in (a, b)]
+    assert steps[0] == steps[1], "and the same history, rates included, epoch by epoch"
 
 
 # ------------------------------------------------------------------------ the table pipeline

@@ -30,7 +30,7 @@ import tempfile
 import time
 import typing
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -63,7 +63,7 @@ class TrainingConfig:
     seed: int = 42  # seeds the splits, the initial weights and the shuffling
     # objective: what is optimized, and which validation metric picks best_model.pt
     best_metric: str = "val_loss"  # the history.json key that picks the best epoch and early-stops
-    mode: str = "auto"  # "min", "max", or "auto": min for losses and errors, max otherwise
+    mode: str = "auto"  # "min", "max", or "auto": as the objective declares (val_loss: min)
     label_smoothing: float = 0.1  # classification: train toward 0.9 so confidence stays honest
     # optimization
     epochs: int = 50  # passes over the training split
@@ -139,12 +139,6 @@ def validate_config(cfg: TrainingConfig) -> None:
         fail("; ".join(problems))
 
 
-def lower_is_better(cfg: TrainingConfig) -> bool:
-    if cfg.mode != "auto":
-        return cfg.mode == "min"
-    return any(word in cfg.best_metric.lower() for word in ("loss", "error", "rmse", "mae", "mse"))
-
-
 # ============================================================================= the four seams
 # SWAP HERE: data, model, objective, optimizer. Replace a function's body and nothing else needs
 # an edit: resume, checkpoints, torchrun, the report, the run note and test.py all go through them.
@@ -214,6 +208,8 @@ class Objective:
     metrics: typing.Callable  # metrics(out, y): {name: value}, from a whole split's outputs at once
     describe: typing.Callable  # describe(out): each row's prediction in words
     baseline: torch.Tensor | None = None  # an output row that predicts the training base rates
+    # {metric: True if higher is better}, for each metric --mode auto may select by; never guessed
+    higher_is_better: dict = field(default_factory=dict)
 
 
 def build_objective(meta: dict, cfg: TrainingConfig) -> Objective:
@@ -222,6 +218,21 @@ def build_objective(meta: dict, cfg: TrainingConfig) -> Objective:
     if meta["task"] == "regression":
         return regression_objective(meta)
     return classification_objective(meta, cfg)
+
+
+def lower_is_better(cfg: TrainingConfig, objective: Objective) -> tuple[bool, str]:
+    """Which way cfg.best_metric is better, and why: --mode, or what the objective declares (a
+    metric's name says nothing: "error" may be good news, "score" may be a loss)."""
+    if cfg.mode != "auto":
+        return cfg.mode == "min", f"--mode {cfg.mode}"
+    if cfg.best_metric == "val_loss":
+        return True, "a loss"
+    key, higher = cfg.best_metric.removeprefix("val_"), objective.higher_is_better
+    if cfg.best_metric != f"val_{key}" or key not in higher:
+        declared = ", ".join(["val_loss", *(f"val_{k}" for k in higher)])
+        fail(f"--best-metric {cfg.best_metric}: the objective declares no direction for it (it "
+             f"does for {declared}); pass --mode min or --mode max")
+    return not higher[key], "as the objective declares"
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig, steps_per_epoch: int) -> tuple:
@@ -251,7 +262,8 @@ def start_epoch(epoch: int, model: nn.Module, optimizer, scheduler, cfg: Trainin
     or unfreeze (requires_grad), or set a parameter group's rate (its "lr"; under a scheduler that
     sets the rate, its base_lrs). last.pt keeps the parameters' requires_grad and the optimizer's
     and scheduler's state, so --resume goes on with the same; it runs once an epoch, not again
-    for an epoch resumed part-way."""
+    for an epoch resumed part-way. Add no parameter group here: --resume rebuilds the optimizer
+    by build_optimizer, so every group belongs there (frozen ones included)."""
 
 
 # ============================================================================= batches
@@ -354,14 +366,15 @@ def fetch_batch(split, job: tuple):
     key, rows = job
     if isinstance(split, tuple):
         return rows_of(split, torch.tensor(rows))
-    model_stream = torch.get_rng_state()
+    model_stream = torch.get_rng_state() if key is not None else None
     if key is not None:
         seed_streams(key)
     try:
         getitems = getattr(split, "__getitems__", None)  # as torch's own fetcher reads a Dataset
         return collate_of(split)(getitems(rows) if getitems else [split[i] for i in rows])
     finally:
-        torch.set_rng_state(model_stream)
+        if key is not None:  # held-out splits are not seeded: random draws there show as such
+            torch.set_rng_state(model_stream)
 
 
 def collate_of(split):
@@ -445,8 +458,12 @@ def evaluate(model, batches, objective: Objective, amp_dtype=None) -> tuple:
         targets.append(yb)
     gathered = every_rank(tree_map(torch.Tensor.cpu, (cat_rows(outputs), cat_rows(targets))))
     out, y = cat_rows(gathered)
-    rows = objective.row_losses(out, y)
-    return {"loss": rows.mean().item(), **objective.metrics(out, y)}, rows, y
+    rows, metrics = objective.row_losses(out, y), objective.metrics(out, y)
+    odd = [k for k, v in metrics.items() if not isinstance(v, (int, float, list))]
+    if odd:  # a 0-d tensor would be left out of the log, then break the report's JSON
+        fail(f"the objective's metric {odd[0]!r} is a {type(metrics[odd[0]]).__name__}, not a "
+             "number: return a float (tensor.item())")
+    return {"loss": rows.mean().item(), **metrics}, rows, y
 
 
 @torch.inference_mode()
@@ -487,6 +504,7 @@ class Run:
     last_rows: torch.Tensor | None = None  # the last epoch's per-row validation losses
     saved_at: float = 0.0  # when last.pt was last written at an epoch's end (time.monotonic)
     trainable: list | None = None  # each parameter's requires_grad as train_model was wrapped
+    lower: bool = True  # whether a lower cfg.best_metric is better (lower_is_better)
 
 
 def path_of(cfg: TrainingConfig, name: str) -> Path:
@@ -574,7 +592,8 @@ def restore(run: Run, last: dict) -> None:
         for parameter, trains in zip(run.model.parameters(), last["trainable"], strict=True):
             parameter.requires_grad_(trains)  # as start_epoch left them
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        fail(f"{path} cannot be resumed (incomplete, or of another optimizer): {first_line(e)}")
+        fail(f"{path} cannot be resumed (incomplete, of another optimizer, or with a parameter "
+             f"group added after build_optimizer): {first_line(e)}")
     if run.progress["best_epoch"] and not best.is_file():
         fail(f"{best} is missing (moved or deleted?), and the run in {path} needs it: put it back, "
              "or start a new run with another --checkpoint-dir")
@@ -639,6 +658,7 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: ~8x float32's speed on Ampere+
     objective = build_objective(data["meta"], cfg)
+    lower, why = lower_is_better(cfg, objective)  # refused now, not after an epoch, if undeclared
     model_args = {"in_shape": input_shape(data["train"]), "out_features": objective.outputs}
     model = build_model(**model_args, meta=data["meta"], cfg=cfg).to(device)
     eval_model, train_model = wrap_model(model, cfg, device, world)
@@ -654,6 +674,7 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     run = Run(cfg, device, rank, world, amp_dtype, data, objective, model, eval_model, train_model,
               model_args, optimizer, scheduler, when, scaler, steps, progress)
     run.trainable = [parameter.requires_grad for parameter in model.parameters()]
+    run.lower = lower
     if cfg.eval_only:
         evaluated_run(run)
     elif last is not None:
@@ -665,9 +686,8 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     log.info("data: %s; %s, %d outputs; loader %s; device %s%s, amp %s; %d parameters", sizes,
              data["meta"].get("task", "?"), objective.outputs, cfg.loader, device, ddp,
              amp_dtype or "off", sum(p.numel() for p in model.parameters()))
-    direction = "lower" if lower_is_better(cfg) else "higher"
-    log.info("batch %d x %d accumulation x %d rank(s); best by %s (%s is better)", batch,
-             cfg.grad_accum_steps, world, cfg.best_metric, direction)
+    log.info("batch %d x %d accumulation x %d rank(s); best by %s (%s is better: %s)", batch,
+             cfg.grad_accum_steps, world, cfg.best_metric, "lower" if lower else "higher", why)
     return run
 
 
@@ -783,7 +803,7 @@ def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows, seconds: 
     metrics = {f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))}
     entry = {"epoch": epoch, "train_loss": trained.pop("loss"), **metrics, **trained,
              **learning_rates(run.optimizer), "seconds": seconds}
-    if cfg.best_metric not in entry:
+    if cfg.best_metric not in metrics:  # not train_loss, lr or seconds: a held-out metric
         fail(f"--best-metric {cfg.best_metric} is not a validation metric of this objective, which "
              f"reports {', '.join(metrics)}")
     progress["history"].append(entry)
@@ -793,7 +813,7 @@ def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows, seconds: 
     elif run.when == "epoch" and run.scheduler is not None:
         run.scheduler.step()
     value, best = entry[cfg.best_metric], progress["best"]
-    if best is None or (value < best if lower_is_better(cfg) else value > best):  # never "last"
+    if best is None or (value < best if run.lower else value > best):  # never "last"
         progress.update(best=value, best_epoch=epoch, stale=0)
         state = {**model_state(run, epoch), cfg.best_metric: value}
         save_checkpoint(path_of(cfg, "best_model.pt"), state)
@@ -850,7 +870,8 @@ def report(run: Run) -> dict:
     rows = {"best": best_rows, "last": last_rows, "reference": progress["reference"], "base": base}
     diagnosis = diagnose(progress["history"], progress["best_epoch"], rows, cfg)
     result = {**test, "rows": split_rows(run.data["test"]), "best_epoch": progress["best_epoch"],
-              "best_metric": cfg.best_metric, "diagnosis": diagnosis}
+              "best_metric": cfg.best_metric, "mode": "min" if run.lower else "max",
+              "diagnosis": diagnosis}
     title = f"{run.data['meta'].get('title', 'run')}  (run {progress['run']})"
     note = run_note(diagnosis, progress["history"], result, cfg, title)
     write_json(path_of(cfg, "test_report.json"), result)
@@ -911,8 +932,9 @@ def classification_objective(meta: dict, cfg: TrainingConfig) -> Objective:
 
     rates = counts / counts.sum()
     baseline = (rates[1] / rates[0]).log().reshape(1) if binary else rates.log()
+    higher = {"acc": True, "balanced_acc": True, "macro_f1": True, "auc": True}
     return Objective(1 if binary else len(classes), loss, row_losses, metrics, describe,
-                     baseline if "class_counts" in meta else None)
+                     baseline if "class_counts" in meta else None, higher)
 
 
 def class_metrics(predicted: torch.Tensor, y: torch.Tensor, n: int) -> dict:
@@ -958,7 +980,8 @@ def regression_objective(meta: dict) -> Objective:
     def loss(out, y):
         return row_losses(out, y).mean()
 
-    return Objective(1, loss, row_losses, metrics, describe, torch.zeros(1))
+    higher = {"rmse": False, "mae": False, "r2": True}
+    return Objective(1, loss, row_losses, metrics, describe, torch.zeros(1), higher)
 
 
 # ============================================================================= the table pipeline
@@ -1558,7 +1581,7 @@ def run_note(diagnosis: dict, history: list[dict], result: dict, cfg: TrainingCo
     score = ", ".join(f"test {k} {result[k]:.4f}" for k in ["loss", *shown])
     differ = "best_model.pt and last.pt hold the same epoch, the last"
     if best is not end:
-        direction = "lower" if lower_is_better(cfg) else "higher"
+        direction = "lower" if result["mode"] == "min" else "higher"
         differ = (f"best_model.pt holds epoch {best_epoch}, last.pt epoch {end['epoch']} (where "
                   f"training ended, for --resume): the best is chosen by {cfg.best_metric} alone "
                   f"({direction} is better), and no later epoch beat its "
@@ -1624,7 +1647,8 @@ def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.12, top=0.84, wspace=0.22)  # layout: 0.1 s
     for ax, (name, keys) in zip(fig.subplots(1, 4), panels.items()):
         for key in [k for k in keys if k in history[-1]]:
-            ax.plot([h["epoch"] for h in history], [h[key] for h in history], label=key)
+            ax.plot([h["epoch"] for h in history], [h.get(key, math.nan) for h in history],
+                    label=key)  # NaN: a key that began later (a group start_epoch added)
         ax.axvline(best, color="gray", linestyle="--", label=f"best epoch ({best})")
         for f in findings[:1]:
             label = f"{f['pattern'].replace('_', ' ')} from {f['epoch']}"

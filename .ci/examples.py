@@ -29,7 +29,10 @@ SEAM_TESTS = ("test_the_model_returns_raw_outputs_shaped_for_the_objective",
               "test_your_optimizer_and_scheduler_go_on_exactly_from_their_state",
               "test_gradients_are_zeroed_before_every_step",
               "test_a_stop_mid_epoch_resumes_to_the_same_weights_as_a_run_never_stopped",
-              "test_the_best_checkpoint_is_the_best_monitored_epoch_not_the_last")
+              "test_the_best_checkpoint_is_the_best_monitored_epoch_not_the_last",
+              "test_metrics_are_plain_numbers_the_run_and_the_report_can_store",
+              "test_evaluation_gives_the_same_outputs_twice",
+              "test_the_schedule_runs_through_every_epoch_and_resumes_exactly")
 
 
 def write_tables(folder: Path) -> None:

@@ -419,3 +419,69 @@ def test_the_readme_copy_step_trains_and_tests_offline(tmp_path):
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [missing.stderr.strip()]
     assert "datasets/Iris.csv is missing" in missing.stderr and "copy datasets/Iris.csv" in missing.stderr
+
+
+# ------------------------------------------------------------------------ which way is better
+
+@pytest.mark.parametrize("metric, mode, lower, why", [
+    ("val_loss", "auto", True, "a loss"),
+    ("val_acc", "auto", False, "as the objective declares"),
+    ("val_acc", "min", True, "--mode min"),  # said, so obeyed
+])
+def test_mode_auto_reads_the_objectives_declaration_and_the_log_says_why(tmp_path, caplog, metric,
+                                                                        mode, lower, why):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    summary = train.main(flags(tmp_path, source, "--best-metric", metric, "--mode", mode, epochs=5))
+    way = "lower" if lower else "higher"
+    assert f"best by {metric} ({way} is better: {why})" in caplog.text
+    values = [h[metric] for h in summary["history"]]
+    assert values[summary["best_epoch"] - 1] == (min(values) if lower else max(values))
+    assert summary["report"]["mode"] == ("min" if lower else "max")
+
+
+def test_every_built_in_metric_says_which_way_is_better():
+    out = torch.randn(10, 1)
+    for objective, y in (
+            (train.classification_objective({"classes": ["a", "b"]}, train.TrainingConfig()),
+             torch.tensor([0, 1] * 5)),
+            (train.classification_objective({"classes": ["a", "b", "c"]}, train.TrainingConfig()),
+             torch.tensor([0, 1, 2, 0, 1] * 2)),
+            (train.regression_objective({}), torch.randn(10))):
+        outputs = out.expand(-1, objective.outputs).contiguous()
+        numbers = {k for k, v in objective.metrics(outputs, y).items() if isinstance(v, float)}
+        assert numbers <= set(objective.higher_is_better), numbers - set(objective.higher_is_better)
+    assert train.regression_objective({}).higher_is_better == {"rmse": False, "mae": False,
+                                                               "r2": True}
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("val_mape", "--best-metric val_mape: the objective declares no direction for it"),
+    ("train_loss", "--best-metric train_loss: the objective declares no direction for it"),
+])
+def test_a_metric_of_no_declared_direction_asks_for_mode_in_one_line(tmp_path, metric, message):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags(tmp_path, source, "--best-metric", metric, epochs=2))
+    assert stop.value.code.startswith(f"error: {message}") and "pass --mode min or --mode max" in \
+        stop.value.code and "\n" not in stop.value.code
+    assert not (tmp_path / "checkpoints" / "best_model.pt").exists()  # refused before training
+
+
+def test_a_best_metric_that_is_not_a_held_out_metric_is_refused_even_with_mode(tmp_path):
+    source = blobs_csv(tmp_path / "blobs.csv")
+    with pytest.raises(SystemExit, match="--best-metric seconds is not a validation metric"):
+        train.main(flags(tmp_path, source, "--best-metric", "seconds", "--mode", "min", epochs=2))
+
+
+def test_a_metric_returned_as_a_tensor_is_one_line_not_a_broken_report(tmp_path, monkeypatch):
+    real = train.classification_objective
+
+    def tensor_metric(meta, cfg):
+        objective = real(meta, cfg)
+        return replace(objective, metrics=lambda out, y: {**objective.metrics(out, y),
+                                                          "mean_logit": out.mean()})
+
+    monkeypatch.setattr(train, "classification_objective", tensor_metric)
+    source = blobs_csv(tmp_path / "blobs.csv")
+    with pytest.raises(SystemExit, match="metric 'mean_logit' is a Tensor, not a number"):
+        train.main(flags(tmp_path, source, epochs=2))
