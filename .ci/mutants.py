@@ -44,13 +44,13 @@ EDITS = {
         ("loss_sum += loss.detach().float() * n", "loss_sum += loss.detach().float()"),
         ("        rows += n\n        if not step_now:", "        rows += 1\n        if not step_now:")]),
     "validation loss averaged per batch": (LOOP, [
-        ('    return {"loss": rows.mean().item(), **objective.metrics(out, y)}, rows, y',
+        ('    return {"loss": rows.mean().item(), **metrics}, rows, y',
          '    per_batch = [objective.row_losses(o, t).mean() for o, t in zip(outputs, targets)]\n'
-         '    return {"loss": torch.stack(per_batch).mean().item(), **objective.metrics(out, y)}, rows, y')]),
+         '    return {"loss": torch.stack(per_batch).mean().item(), **metrics}, rows, y')]),
     "normalization statistics from all rows": (LOOP, [
         ("    mean, std = x[train].mean(axis=0), x[train].std(axis=0)", "    mean, std = x.mean(axis=0), x.std(axis=0)")]),
     "best checkpoint = last epoch": (LOOP, [
-        ("    if best is None or (value < best if lower_is_better(cfg) else value > best):", "    if True:")]),
+        ("    if best is None or (value < best if run.lower else value > best):", "    if True:")]),
     "best checkpoint chosen by training loss": (LOOP, [
         ('    value, best = entry[cfg.best_metric], progress["best"]', '    value, best = entry["train_loss"], progress["best"]')]),
     "test rows used for selection": (LOOP, [
@@ -82,8 +82,26 @@ EDITS = {
     "a mid-epoch resume forgets the epoch's partial loss": (LOOP, [
         ('run.tally = {**position, "loss_sum": position["loss_sum"][run.rank]}',
          'run.tally = {**position, "loss_sum": torch.zeros(())}')]),
+    "validation rows that are training rows": (LOOP, [
+        ('    return {**{name: (x[part], y[part]) for name, part in splits.items()}, "meta": meta,',
+         '    splits["val"] = splits["train"][: len(splits["val"])]\n'
+         '    return {**{name: (x[part], y[part]) for name, part in splits.items()}, "meta": meta,')]),
+    "val_loss read as higher is better": (LOOP, [('        return True, "a loss"', '        return False, "a loss"')]),
+    "randomness left in the model's eval mode": (LOOP, [
+        ("        return self.net(x)\n", "        return self.net(x + 0.1 * torch.randn_like(x) * (not self.training))\n")]),
+    "a built-in metric returned as a tensor": (LOOP, [
+        ('    return {"acc": (hits.sum() / cm.sum()).item(),', '    return {"acc": hits.sum() / cm.sum(),')]),
+    "an end-of-epoch last.pt without the scheduler's state": (LOOP, [
+        ('"scheduler": run.scheduler.state_dict() if run.scheduler else None, "position": position,',
+         '"scheduler": run.scheduler.state_dict() if run.scheduler and position else None, "position": position,')]),
+    "a built-in metric declared the wrong way": (SEAMS, [
+        ('    higher = {"acc": True, "balanced_acc": True,', '    higher = {"acc": False, "balanced_acc": True,')]),
+    "a tensor metric let through to the report": (SEAMS, [
+        ("    if odd:  # a 0-d tensor would be left out of the log", "    if False:  # a 0-d tensor would be left out of the log")]),
+    "any history key accepted as --best-metric": (SEAMS, [
+        ("    if cfg.best_metric not in metrics:  # not train_loss", "    if cfg.best_metric not in entry:  # not train_loss")]),
     "the best metric's direction ignored": (DEEP, [
-        ("    if cfg.mode != \"auto\":\n        return cfg.mode == \"min\"\n", "")]),
+        ('        return cfg.mode == "min", f"--mode {cfg.mode}"', '        pass')]),
     "checkpoint without the data seam's meta": (DEEP, [
         ('"model_args": run.model_args, "meta": run.data["meta"],', '"model_args": run.model_args, "meta": {},')]),
     "random streams not restored on resume": (DEEP, [("        restore_rng_states(last[\"rng\"][run.rank])\n", "")]),
@@ -107,7 +125,7 @@ EDITS = {
     "a training batch's random draws not seeded by its place": (SEAMS, [
         ("    key = None if epoch is None else (cfg.seed, epoch, run.rank)", "    key = None")]),
     "a batch's seeded draws leave the model's stream reseeded": (SEAMS, [
-        ("        torch.set_rng_state(model_stream)\n", "        pass\n")]),
+        ("            torch.set_rng_state(model_stream)\n", "            pass\n")]),
     "where a batch was fetched shows in Python's and NumPy's streams": (SEAMS, [
         ("            seed_streams((*key, -1), torch_too=False)", "            pass")]),
     "a Dataset's collate_fn ignored": (SEAMS, [
@@ -151,7 +169,7 @@ def main() -> None:
     caught, missed, stale = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        for name in ("test.py", "bench.py", "README.md", "datasets/Iris.csv"):
+        for name in ("test.py", "bench.py", "README.md", "requirements.txt", "datasets/Iris.csv"):
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / name, folder / name)
         shutil.copytree(REPO / "tests", folder / "tests", ignore=shutil.ignore_patterns("__pycache__"))
