@@ -91,14 +91,13 @@ class TrainingConfig:
     tensorboard: bool = False  # also log to runs/ (needs: pip install tensorboard)
     # instead of training
     predict: str | None = None  # rows "5.1,3.5,1.4,0.2;6.7,3,5.2,2.3" or a .csv: print predictions
-    eval_only: bool = False  # test best_model.pt again; rewrite the report, the note and the plot
 
 
 # Where and how a run executes, not what it computes: --resume takes these from the command
 # line. Every other field, one you add included, comes from last.pt and may not change.
 RUNTIME_FIELDS = {"device", "loader", "num_workers", "compile", "checkpoint_dir", "output_dir",
                   "datasets_dir", "save_every_steps", "log_every", "tensorboard", "resume",
-                  "eval_only", "predict"}
+                  "predict"}
 CHOICES = {"mode": ("auto", "min", "max"), "scheduler": ("cosine", "none"),
            "missing": ("impute", "error"), "loader": ("auto", "memory", "dataloader"),
            "amp_dtype": ("auto", "bfloat16", "float16"), "class_weight": ("none", "balanced"),
@@ -160,7 +159,7 @@ def build_data(cfg: TrainingConfig) -> dict:
     built-in objectives read "task" ("classification" or "regression"), "classes" (names, in
     output order), "class_counts" (training rows per class: balanced weights, the run note's base
     rates) and a regression's "target_mean" and "target_std" (targets standardized by them).
-    --resume and --eval-only refuse a checkpoint whose meta differs, so a fingerprint of your data
+    --resume refuses a checkpoint whose meta differs, so a fingerprint of your data
     belongs in it. The default reads any table through Hugging Face datasets: see "the table
     pipeline".
     """
@@ -190,7 +189,7 @@ class TinyMLP(nn.Module):
 
 
 def build_model(in_shape, out_features: int, meta: dict, cfg: TrainingConfig) -> nn.Module:
-    """SWAP HERE for your model: training, --eval-only, --predict and model_from_checkpoint all
+    """SWAP HERE for your model: training, --resume, --predict and model_from_checkpoint all
     build it here. in_shape is one input's shape ((features,) for a table row, (C, H, W) for an
     image; for nested inputs, the same structure of shapes); out_features is what the objective
     asks for; meta is build_data's (a vocabulary's size). Hyperparameters go in TrainingConfig.
@@ -255,6 +254,16 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig, steps_per_epoch: int)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
+
+
+def check_metric_mode(scheduler, when: str, cfg: TrainingConfig, lower: bool) -> None:
+    """A scheduler stepped on the selection metric reads it the run's way: ReduceLROnPlateau's
+    default, mode="min", would halve the rate while an accuracy rises."""
+    mode, wanted = getattr(scheduler, "mode", None), "min" if lower else "max"
+    if when == "metric" and mode in ("min", "max") and mode != wanted:
+        fail(f"build_optimizer's scheduler steps on {cfg.best_metric} in mode {mode!r}, and the "
+             f"run keeps the epoch where it is {'lower' if lower else 'higher'}: give it "
+             f"mode={wanted!r}")
 
 
 def start_epoch(epoch: int, model: nn.Module, optimizer, scheduler, cfg: TrainingConfig) -> None:
@@ -329,6 +338,15 @@ def shard_rows(n: int, rank: int = 0, world: int = 1, shuffle_seed: int | None =
     return torch.cat([order, order[: math.ceil(n / world) * world - n]])[rank::world]
 
 
+def batch_rows(rows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """`rows` cut into batches; a last batch of one row joins the one before it: BatchNorm cannot
+    train on a single row (and its statistics would be that row's alone)."""
+    parts = list(rows.split(batch_size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
+
+
 def iterate_batches(split, batch_size: int, rows: torch.Tensor | None = None,
                     device: torch.device | None = None, num_workers: int = 0, seed=None):
     """(inputs, targets) batches of a split, in the order of `rows` (all, in order, by default).
@@ -339,14 +357,14 @@ def iterate_batches(split, batch_size: int, rows: torch.Tensor | None = None,
     rows = torch.arange(split_rows(split)) if rows is None else rows
     on = tensors_in(split)[0].device if isinstance(split, tuple) else None
     if on is not None and (device is None or on == device):
-        for batch in rows.to(on).split(batch_size):
+        for batch in batch_rows(rows.to(on), batch_size):
             yield rows_of(split, batch)
         return
     from torch.utils.data import DataLoader
 
     device = device or torch.device("cpu")
     jobs = [(None if seed is None else (*seed, part[0]), part)  # row numbers pickle small
-            for part in (part.tolist() for part in rows.split(batch_size))]
+            for part in (part.tolist() for part in batch_rows(rows, batch_size))]
     # The workers' own seeds come from a private generator: drawn from the global stream, they
     # would shift the model's random numbers. A batch's draws are seeded in fetch_batch.
     loader = DataLoader(jobs, batch_size=None, collate_fn=partial(fetch_batch, split),
@@ -572,17 +590,15 @@ def resumed_config(cfg: TrainingConfig, given: set[str], last: dict) -> Training
 
 
 def restore(run: Run, last: dict) -> None:
-    """Restore all that last.pt holds into the run, once it is known to be of this data; for
-    --eval-only, the weights and the progress alone: the run's end, for the note."""
+    """Restore all that last.pt holds into the run, once it is known to be of this data."""
     path, best = path_of(run.cfg, "last.pt"), path_of(run.cfg, "best_model.pt")
     check_same_data(last, path, run.data["meta"])
     load_weights(run.model, last, path)
     run.progress = {**last["progress"], "history": json.loads(last["progress"]["history"])}
-    if run.cfg.eval_only:
-        return
     if len(last["rng"]) != run.world:
         fail(f"{path} was saved by {len(last['rng'])} process(es), and this run has {run.world}: "
              "go on with as many, or start a new run in another --checkpoint-dir")
+    check_same_optimizer(run, last, path)
     try:
         run.optimizer.load_state_dict(last["optimizer"])
         if run.scheduler is not None:
@@ -605,6 +621,24 @@ def restore(run: Run, last: dict) -> None:
     log.info("resumed from %s at %s", path, at)
 
 
+def check_same_optimizer(run: Run, last: dict, path: Path) -> None:
+    """Refuse, before any step, a last.pt whose optimizer or scheduler is not what build_optimizer
+    makes now (swapped between a stop and --resume): loaded, it would fail or mislead later."""
+    def settings(state: dict | None) -> list:
+        groups = state["param_groups"] if state and "param_groups" in state else [state or {}]
+        return [sorted(set(group) - {"params"}) for group in groups]
+
+    now = (run.optimizer.state_dict(), run.scheduler.state_dict() if run.scheduler else None)
+    for part, saved, made in zip(("optimizer", "scheduler"), (last["optimizer"], last["scheduler"]),
+                                 now):
+        if settings(saved) != settings(made):
+            made_by = run.scheduler if part == "scheduler" else run.optimizer
+            name = type(made_by).__name__ if made_by is not None else "none"
+            fail(f"{path} was saved with another {part} (or other parameter groups) than "
+                 f"build_optimizer makes now ({name}): restore build_optimizer as it was for this "
+                 "run, or start a new run in another --checkpoint-dir")
+
+
 # ============================================================================= main: a run
 
 def main(argv: list[str] | None = None) -> dict:
@@ -619,27 +653,25 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.predict is not None:  # given, even if empty: never "not given, so train"
             return {"predictions": predict_from_cli(cfg)}
         last = None
-        if cfg.resume and not cfg.eval_only and path_of(cfg, "last.pt").is_file():
+        if cfg.resume and path_of(cfg, "last.pt").is_file():
             last = load_checkpoint(path_of(cfg, "last.pt"))
             cfg = resumed_config(cfg, given_fields(argv), last)
         with distributed(cfg) as (device, rank, world), one_run_per_folder(cfg, rank):
             run = set_up(cfg, device, rank, world, last)
-            if not cfg.eval_only:
-                fit(run, stop, argv)
+            fit(run, stop, argv)
             return report(run)
 
 
 def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int = 1,
            last: dict | None = None) -> Run:
-    """Data, objective, model and optimizer; progress from scratch, from last.pt (--resume), or
-    from the finished run (--eval-only)."""
+    """Data, objective, model and optimizer; progress from scratch, or from last.pt (--resume)."""
     if rank != 0:
         log.setLevel(logging.ERROR)  # one voice: rank 0 logs, writes and plots
     amp_dtype = resolve_amp_dtype(cfg, device)
     if rank == 0:
         check_writable(Path(cfg.output_dir))  # fail before anything is written
-        if not cfg.resume and not cfg.eval_only:
-            refuse_unfinished(cfg)
+        if not cfg.resume:
+            refuse_overwrite(cfg)
     for seed in (random.seed, np.random.seed, torch.manual_seed):  # torch's seeds CUDA too
         seed(cfg.seed + rank)  # DDP copies rank 0's initial weights; the offset varies the rest
     if rank > 0:
@@ -662,10 +694,12 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     model_args = {"in_shape": input_shape(data["train"]), "out_features": objective.outputs}
     model = build_model(**model_args, meta=data["meta"], cfg=cfg).to(device)
     eval_model, train_model = wrap_model(model, cfg, device, world)
-    steps = math.ceil(math.ceil(math.ceil(n_train / world) / batch) / cfg.grad_accum_steps)
+    batches = len(batch_rows(torch.arange(math.ceil(n_train / world)), batch))
+    steps = math.ceil(batches / cfg.grad_accum_steps)
     optimizer, scheduler, when = build_optimizer(model, cfg, steps)
     if when not in ("step", "epoch", "metric"):
         fail(f"build_optimizer's scheduler steps at {when!r}: use step, epoch or metric")
+    check_metric_mode(scheduler, when, cfg, lower)
     # float16 needs a GradScaler, or small gradients underflow to zero; bfloat16 has the range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run_id = every_rank(f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}")[0]  # rank 0's
@@ -675,9 +709,7 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
               model_args, optimizer, scheduler, when, scaler, steps, progress)
     run.trainable = [parameter.requires_grad for parameter in model.parameters()]
     run.lower = lower
-    if cfg.eval_only:
-        evaluated_run(run)
-    elif last is not None:
+    if last is not None:
         restore(run, last)
     elif cfg.resume:
         log.info("resume: no %s yet, starting fresh", path_of(cfg, "last.pt"))
@@ -689,19 +721,6 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     log.info("batch %d x %d accumulation x %d rank(s); best by %s (%s is better: %s)", batch,
              cfg.grad_accum_steps, world, cfg.best_metric, "lower" if lower else "higher", why)
     return run
-
-
-def evaluated_run(run: Run) -> None:
-    """--eval-only: the finished run best_model.pt belongs to, as its own last.pt holds it."""
-    best_path, last_path = path_of(run.cfg, "best_model.pt"), path_of(run.cfg, "last.pt")
-    best = load_checkpoint(best_path)
-    check_same_data(best, best_path, run.data["meta"])
-    last = load_checkpoint(last_path) if last_path.is_file() else {"run": None}
-    if last["run"] == best["run"]:
-        restore(run, last)
-        return
-    log.warning("--eval-only: no last.pt of run %s here, so no curves to read", best["run"])
-    run.progress.update(run=best["run"], best_epoch=best["epoch"], best=best[run.cfg.best_metric])
 
 
 def split_batches(run: Run, split: str, epoch: int | None = None, start: int = 0):
@@ -813,7 +832,8 @@ def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows, seconds: 
     elif run.when == "epoch" and run.scheduler is not None:
         run.scheduler.step()
     value, best = entry[cfg.best_metric], progress["best"]
-    if best is None or (value < best if run.lower else value > best):  # never "last"
+    # never "last"; and never NaN (a metric 0/0 on this split), which no later value could beat
+    if not math.isnan(value) and (best is None or (value < best if run.lower else value > best)):
         progress.update(best=value, best_epoch=epoch, stale=0)
         state = {**model_state(run, epoch), cfg.best_metric: value}
         save_checkpoint(path_of(cfg, "best_model.pt"), state)
@@ -853,10 +873,14 @@ def report(run: Run) -> dict:
     cfg, progress, objective = run.cfg, run.progress, run.objective
     evaluation = partial(evaluate, run.eval_model, objective=objective, amp_dtype=run.amp_dtype)
     last_rows = run.last_rows  # the weights fit ended with, as its last epoch evaluated them
-    if last_rows is None:  # --eval-only, or a finished run resumed: those weights, evaluated now
+    if last_rows is None:  # a finished run resumed: those weights, evaluated now
         _, last_rows, _ = evaluation(split_batches(run, "val"))
     barrier()  # rank 0's best_model.pt is whole before any rank reads it
     path = path_of(cfg, "best_model.pt")
+    if not progress["best_epoch"]:
+        fail(f"--best-metric {cfg.best_metric} was NaN at all {progress['epoch']} epochs, so no "
+             f"epoch was kept in {path}: the objective cannot compute it on this validation split "
+             "(a class missing from it?); choose another --best-metric")
     best = load_checkpoint(path)
     if best["run"] != progress["run"]:
         fail(f"{path} belongs to run {best['run']}, not to this run ({progress['run']}): a failed "
@@ -1120,7 +1144,7 @@ def load_table(cfg: TrainingConfig):
     with tempfile.TemporaryDirectory(prefix="hf-cache-") as cache:
         try:
             if path.is_file():
-                options = csv_as_is if suffix == ".csv" else {}
+                options = csv_options(path, csv_as_is) if suffix == ".csv" else {}
                 table = read(LOADERS[suffix], data_files=source, cache_dir=cache, **options)
             elif saved.exists():
                 table = datasets.load_from_disk(str(saved), keep_in_memory=True)
@@ -1140,11 +1164,42 @@ def load_table(cfg: TrainingConfig):
                 fail(f"--dataset {source} has no rows")
             if isinstance(cause, UnicodeDecodeError):
                 fail(f"--dataset {source} is not UTF-8 text: an encoding or format problem")
+            if "too large to convert" in str(cause) and suffix == ".csv":
+                wide = ", ".join(wide_integer_columns(path))
+                fail(f"--dataset {source}: column {wide} holds integers past 64 bits, on both "
+                     "sides of 2**63: write them as decimals (1.5e19), or in a larger unit")
             fail(f"--dataset {source}: could not load it ({first_line(cause)})")
     if len(table) == 0:
         fail(f"--dataset {source} has no rows")
     names = {name: name.strip() for name in table.column_names}  # "age, income": " income"
     return table.rename_columns(names) if any(k != v for k, v in names.items()) else table
+
+
+def csv_delimiter(path: Path) -> str:
+    """"," or what the header line holds more of: ";" (Excel's across most of Europe) or a tab."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline(1 << 16)
+    return max(",;\t", key=header.count)
+
+
+def csv_options(path: Path, options: dict) -> dict:
+    """A ";" file is read with a decimal comma, as Excel writes it there: "1,5" is 1.5 (a "1.5"
+    cell is then text to pandas, and still a number to read_column)."""
+    sep = csv_delimiter(path)
+    if sep != ",":
+        log.info("%s: cells separated by %r%s", path, sep, ", decimal comma" if sep == ";" else "")
+    return {**options, "sep": sep, **({"decimal": ","} if sep == ";" else {})}
+
+
+def wide_integer_columns(path: Path) -> list[str]:
+    """A CSV's columns holding an integer past int64 (amounts in wei): pyarrow refuses them."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=csv_delimiter(path))
+        names, wide = next(reader), set()
+        for row in reader:
+            wide.update(n for n, cell in zip(names, row)
+                        if re.fullmatch(r"\s*[-+]?\d{19,}\s*", cell) and abs(int(cell)) >= 2**63)
+    return [name for name in names if name in wide] or ["?"]
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -1393,8 +1448,11 @@ def table_predict_inputs(text: str, meta: dict) -> tuple[torch.Tensor, list[str]
         is_file = Path(text).is_file()
     if is_file or text.lower().endswith(".csv"):
         try:
+            sep = csv_delimiter(Path(text))
             with open(text, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM, not a name
-                rows = [r for r in csv.reader(f) if r]
+                rows = [r for r in csv.reader(f, delimiter=sep) if r]
+            if sep == ";":  # a decimal comma, as in training
+                rows = [[cell.replace(",", ".") for cell in row] for row in rows]
         except OSError as e:
             fail(f"--predict {text}: {e.strerror or e}")
         except (UnicodeDecodeError, csv.Error) as e:
@@ -1472,6 +1530,12 @@ NOTE_LIMITS = {
     "spike_rise": 0.25, "spike_share": 0.5,
     # Clipping is a guard rail: when it cuts most steps, the clip sets the step, not the rate.
     "clipped": 0.5,
+    # A model that trains never averages far worse than predicting the base rates, where it starts:
+    # an epoch's training loss at twice theirs means the steps overshoot.
+    "chance": 2.0,
+    # Confident mistakes are heavy-tailed: a few rows can carry a rise past what a test of the mean
+    # calls real. Held-out loss that doubles from its best while training loss halves is overfit.
+    "doubled": 1.0,
 }
 
 
@@ -1509,24 +1573,31 @@ def diagnose(history: list[dict], best_epoch: int, rows: dict, cfg: TrainingConf
     gain, rise = evidence.get("gain", [evidence["best_loss"], 0.0]), evidence["rise"]
     learnt = "gain" not in evidence or gain[0] > z * gain[1]
     evidence["material"] = NOTE_LIMITS["material"] * max(gain[0], 0.0)
-    rose = learnt and rise[0] > z * rise[1] and rise[0] > evidence["material"]
+    rose = rise[0] > z * rise[1] and rise[0] > evidence["material"]
+    doubled = rise[0] > NOTE_LIMITS["doubled"] * evidence["best_loss"] and train[-1] < train[b] / 2
     back = paired(rows["last"], rows["base"]) if rows["base"] is not None else [math.inf, 0.0]
     lost = learnt and b < end and back[0] <= z * back[1]  # by the end, all it had learnt is gone
     fell = train[-1] < train[b]  # a better fit of the training rows explains a held-out rise
+    if not learnt:  # nothing carried over: a training loss that falls a tenth still memorizes
+        fell = train[-1] < (1 - NOTE_LIMITS["material"]) * train[b]
     change = f"{rise[0]:+.3g} ± {z * rise[1]:.2g} after epoch {best_epoch}"
-    if not learnt:  # nothing learnt that carries over: a later rise is noise memorized
-        found.append((
-            "not_learning", 0, f"the best validation loss, {evidence['best_loss']:.4g}, is no "
-            f"better than the {evidence['base_loss']:.4g} of predicting the training base rates "
-            f"({-gain[0]:+.3g} ± {z * gain[1]:.2g})", "check --label-column and the inputs; if "
-            f"they are right, try --learning-rate {lr / 10:g} and {lr * 10:g}"))
-    elif (rose or lost) and fell:
+    found += unstable_training(history, evidence.get("base_loss"), cfg, lower_lr)
+    too_high = bool(found)  # then no suggestion raises the rate
+    if (rose or lost or doubled) and fell:  # training loss that falls is learning
         gone = "; by the end, no better than predicting the base rates" if lost else ""
+        gone = gone if learnt else "; even the best epoch was no better than the base rates"
         found.append((
             "overfitting", b + 1, f"validation loss rose {change}, while training loss fell from "
             f"{train[b]:.4g} to {train[-1]:.4g}{gone}", f"stop sooner: --early-stopping-patience "
             f"{span} (or --epochs {best_epoch + span}); or regularize: --weight-decay "
             f"{max(10 * cfg.weight_decay, 0.01):g}"))
+    elif not learnt:  # nothing learnt that carries over
+        rates = f"{lr / 10:g}" if too_high else f"{lr / 10:g} and {lr * 10:g}"
+        found.append((
+            "not_learning", 0, f"the best validation loss, {evidence['best_loss']:.4g}, is no "
+            f"better than the {evidence['base_loss']:.4g} of predicting the training base rates "
+            f"({-gain[0]:+.3g} ± {z * gain[1]:.2g})", "check --label-column and the inputs; if "
+            f"they are right, try --learning-rate {rates}"))
     elif lost:  # learnt, then lost it all without fitting the training rows better: a collapse
         at = next(i for i in range(b + 1, end + 1)
                   if history[i]["val_loss"] >= evidence["base_loss"] or i == end)
@@ -1537,6 +1608,39 @@ def diagnose(history: list[dict], best_epoch: int, rows: dict, cfg: TrainingConf
         found.append((
             "unstable", b + 1, f"validation loss rose {change} while training loss did not fall "
             f"({train[b]:.4g} -> {train[-1]:.4g})", lower_lr))
+    stopped_early = cfg.early_stopping_patience and epochs[-1] < cfg.epochs
+    if rows["reference"] is not None and not stopped_early and epochs[-1] - best_epoch < span:
+        evidence["improvement"] = gained = paired(rows["best"], rows["reference"])
+        # A schedule that ends near a zero rate flattens any run's end: a fall is judged against
+        # the share of the rate the end spent, not the share of the epochs (the same at a constant
+        # rate). Iris at a tenth of the rate falls every epoch, and is still improving.
+        rates = np.array([h["lr"] for h in history])
+        end_part = np.array(epochs) > reference_epoch(cfg.epochs)
+        pace = rates[end_part].sum() / max(rates.sum(), 1e-300) / max(end_part.mean(), 1e-300)
+        higher = "" if too_high else f", or a higher --learning-rate ({lr:g} -> {lr * 3:g})"
+        if gained[0] > z * gained[1] and gained[0] > evidence["material"] * min(1.0, pace):
+            found.append((
+                "still_improving", b, f"validation loss fell {gained[0]:.3g} ± "
+                f"{z * gained[1]:.2g} since epoch {reference_epoch(cfg.epochs)}, the best being "
+                f"epoch {best_epoch} of {epochs[-1]}", f"train longer: --epochs {2 * cfg.epochs}"
+                f"{higher}"))
+    findings = [{"pattern": p, "epoch": epochs[i], "evidence": e, "suggestion": s}
+                for p, i, e, s in sorted(found, key=lambda f: f[1])]
+    gravest = [p for p in ("unstable", "not_learning", "overfitting", "still_improving")
+               if any(p == f[0] for f in found)]
+    return {"verdict": (gravest or ["converged"])[0], "findings": findings, "evidence": evidence}
+
+
+def unstable_training(history: list[dict], base_loss, cfg: TrainingConfig, lower_lr: str) -> list:
+    """The findings of a rate too high, as (pattern, epoch index, evidence, suggestion): training
+    loss far above the base rates', a spike in it, or clipping that cuts most steps."""
+    train, found = np.array([h["train_loss"] for h in history]), []
+    above = np.flatnonzero(train > NOTE_LIMITS["chance"] * (base_loss or math.inf))
+    if above.size:
+        i = int(above[0])
+        found.append(("unstable", i, f"training loss was {train[i]:.4g} at epoch "
+                      f"{history[i]['epoch']}, over {NOTE_LIMITS['chance']:g}x the "
+                      f"{base_loss:.4g} of predicting the base rates", lower_lr))
     for i in range(1, len(train)):
         low = train[:i].min()
         if train[i] > low * (1 + NOTE_LIMITS["spike_rise"]) and \
@@ -1551,20 +1655,7 @@ def diagnose(history: list[dict], best_epoch: int, rows: dict, cfg: TrainingConf
             "unstable", int(np.argmax(np.array(clipped) > NOTE_LIMITS["clipped"])),
             f"{np.mean(clipped):.0%} of steps were clipped at --grad-clip {clip:g}",
             f"raise --grad-clip ({clip:g} -> {3 * clip:g}), or {lower_lr}"))
-    stopped_early = cfg.early_stopping_patience and epochs[-1] < cfg.epochs
-    if rows["reference"] is not None and not stopped_early and epochs[-1] - best_epoch < span:
-        evidence["improvement"] = gained = paired(rows["best"], rows["reference"])
-        if gained[0] > z * gained[1] and gained[0] > evidence["material"]:
-            found.append((
-                "still_improving", b, f"validation loss fell {gained[0]:.3g} ± "
-                f"{z * gained[1]:.2g} since epoch {reference_epoch(cfg.epochs)}, the best being "
-                f"epoch {best_epoch} of {epochs[-1]}", f"train longer: --epochs {2 * cfg.epochs}, "
-                f"or a higher --learning-rate ({lr:g} -> {lr * 3:g})"))
-    findings = [{"pattern": p, "epoch": epochs[i], "evidence": e, "suggestion": s}
-                for p, i, e, s in sorted(found, key=lambda f: f[1])]
-    gravest = [p for p in ("unstable", "not_learning", "overfitting", "still_improving")
-               if any(p == f[0] for f in found)]
-    return {"verdict": (gravest or ["converged"])[0], "findings": findings, "evidence": evidence}
+    return found
 
 
 def run_note(diagnosis: dict, history: list[dict], result: dict, cfg: TrainingConfig, title: str):
@@ -1723,17 +1814,32 @@ def load_weights(model: nn.Module, checkpoint: dict, path) -> None:
         fail(f"{path} holds weights shaped for another model or data: {first_line(e)}")
 
 
-def refuse_unfinished(cfg: TrainingConfig) -> None:
-    """A run started without --resume over one that stopped part-way would overwrite it."""
-    path = path_of(cfg, "last.pt")
-    with suppress(Exception):  # none, or unreadable: nothing to lose by starting afresh
-        last = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        progress, saved = last["progress"], config_of(last)
-        patience = saved.early_stopping_patience
-        finished = progress["epoch"] >= saved.epochs or (patience and progress["stale"] >= patience)
-        if not finished or last["position"] is not None:
-            fail(f"{path} holds a run stopped at epoch {progress['epoch']} of {saved.epochs}: "
-                 "go on with --resume, or start afresh in another --checkpoint-dir")
+def refuse_overwrite(cfg: TrainingConfig) -> None:
+    """A run started without --resume overwrites last.pt and best_model.pt: only those of a
+    finished run of this train.py. Another loop's checkpoints (a project this file was copied
+    into), or a run stopped part-way, are refused. save_file writes whole files or none, so an
+    unreadable one is not ours."""
+    for name in ("last.pt", "best_model.pt"):
+        path = path_of(cfg, name)
+        if not os.path.lexists(path):
+            continue
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            ours = saved["version"] == CHECKPOINT_VERSION
+        except Exception:  # unreadable, or no dict of ours: another program's file
+            ours = False
+        if not ours:
+            fail(f"{path} was not written by this train.py (or by an older one), and a new run "
+                 "would overwrite it: move it, or start in another --checkpoint-dir")
+        if name == "last.pt":
+            progress, last_cfg = saved["progress"], config_of(saved)
+            patience = last_cfg.early_stopping_patience
+            finished = progress["epoch"] >= last_cfg.epochs or bool(
+                patience and progress["stale"] >= patience)
+            if not finished or saved["position"] is not None:
+                fail(f"{path} holds a run stopped at epoch {progress['epoch']} of "
+                     f"{last_cfg.epochs}: go on with --resume, or start afresh in another "
+                     "--checkpoint-dir")
 
 
 def choose_loader(cfg: TrainingConfig, device: torch.device, data: dict) -> str:
@@ -1797,8 +1903,10 @@ def first_line(error: BaseException) -> str:
 def check_writable(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        (path / f".write-test.{os.getpid()}").touch()
-        (path / f".write-test.{os.getpid()}").unlink()
+        probe = path / f".write-test.{os.getpid()}"
+        probe.unlink(missing_ok=True)
+        probe.touch(exist_ok=False)  # O_EXCL: a link left at that name is not followed
+        probe.unlink()
     except OSError as e:
         fail(f"cannot create or write to the folder {path}: {e.strerror or e}")
 
@@ -1823,7 +1931,8 @@ def save_file(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # left by a killed run of this pid; "x" below follows no link
+        with open(tmp, "xb") as f:
             write(f)
         os.replace(tmp, path)
     except Exception as e:  # a full disk reaches torch.save as a RuntimeError, not an OSError
@@ -1947,7 +2056,12 @@ def one_run_per_folder(cfg: TrainingConfig, rank: int = 0):
         return
     lock = Path(path) / ".lock"
     check_writable(lock.parent)
-    with open(lock, "a+") as handle:
+    try:  # O_NOFOLLOW: a .lock linking elsewhere (an unpacked archive): its target is never written
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        fail(f"cannot open {lock} ({e.strerror}): a symbolic link? delete it, or give this run "
+             "another --checkpoint-dir")
+    with open(descriptor, "r+") as handle:
         try:  # lockf, not flock: a DataLoader worker (a fork) outliving a kill -9 holds no lockf
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

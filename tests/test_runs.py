@@ -1,4 +1,4 @@
-"""Whole runs on tables: the files they write, what they learn, --predict, --eval-only, the
+"""Whole runs on tables: the files they write, what they learn, --predict, the
 command line, the progress bar and TensorBoard."""
 
 import csv
@@ -158,27 +158,9 @@ def test_every_path_builds_the_model_through_build_model(tmp_path, monkeypatch, 
     monkeypatch.setattr(train, "build_model", another_model)
     source = blobs_csv(tmp_path / "blobs.csv")
     train.main(flags(tmp_path, source, epochs=2))
-    train.main(flags(tmp_path, source, "--eval-only", epochs=2))
     lines = train.main(["--checkpoint-dir", str(tmp_path / "checkpoints"), "--predict", "0,0,0;0,4,4"])["predictions"]
     train.model_from_checkpoint(torch.load(tmp_path / "checkpoints/best_model.pt", weights_only=True))
-    assert built == [((3,), 3)] * 4 and len(lines) == 2
-
-
-def test_eval_only_rewrites_the_report_and_the_note_without_training(tmp_path):
-    source = blobs_csv(tmp_path / "blobs.csv")
-    train.main(flags(tmp_path, source, epochs=3))
-    report_path = tmp_path / "training-loop/test_report.json"
-    before = json.loads(report_path.read_text())
-    checkpoints = {p: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
-    report_path.write_text("{}")
-    (tmp_path / "training-loop/run_note.md").unlink()
-    summary = train.main(flags(tmp_path, source, "--eval-only", epochs=3))
-    assert json.loads(report_path.read_text()) == before == summary["report"]
-    assert "Best epoch 3 of 3" in (tmp_path / "training-loop/run_note.md").read_text()
-    assert all(p.read_bytes() == content for p, content in checkpoints.items())  # nothing trained
-    source.write_text(source.read_text() + "small,999,0.1,0.2,0.3\n" * 5)  # rows added: other splits
-    with pytest.raises(SystemExit, match="belongs to a run on other data"):
-        train.main(flags(tmp_path, source, "--eval-only", epochs=3))
+    assert built == [((3,), 3)] * 3 and len(lines) == 2
 
 
 def test_predict_reads_rows_and_csv_files_from_the_command_line(blobs_run, tmp_path):

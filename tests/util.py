@@ -61,7 +61,7 @@ def flags(root: Path, source, *extra: str, label: str = "kind", epochs: int = 20
             "--val-fraction", "0.2", "--test-fraction", "0.2", "--seed", "0", "--scheduler", "cosine",
             "--grad-clip", "1.0", "--grad-accum-steps", "1", "--early-stopping-patience", "0", "--loader", "auto",
             "--best-metric", "val_loss", "--mode", "auto", "--no-use-amp", "--no-compile", "--no-resume",
-            "--no-eval-only", "--log-every", "1", "--save-every-steps", "1000", *extra]
+            "--log-every", "1", "--save-every-steps", "1000", *extra]
 
 
 # train.main in a process of its own, with two hooks: SIGNAL_AT ("EPOCH,STEP,SIGNAL[,RANK]") makes
