@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LOOP, DEEP, SEAMS = ["test.py"], ["tests"], ["tests/test_seams.py"]
+LOOP, DEEP, SEAMS, EDGES = ["test.py"], ["tests"], ["tests/test_seams.py"], ["tests/test_edges.py"]
 
 # name: (the suite that must catch it, [(text in train.py, what the broken edit makes of it), ...])
 EDITS = {
@@ -50,7 +50,8 @@ EDITS = {
     "normalization statistics from all rows": (LOOP, [
         ("    mean, std = x[train].mean(axis=0), x[train].std(axis=0)", "    mean, std = x.mean(axis=0), x.std(axis=0)")]),
     "best checkpoint = last epoch": (LOOP, [
-        ("    if best is None or (value < best if run.lower else value > best):", "    if True:")]),
+        ("    if not math.isnan(value) and (best is None or (value < best if run.lower else value > best)):",
+         "    if True:")]),
     "best checkpoint chosen by training loss": (LOOP, [
         ('    value, best = entry[cfg.best_metric], progress["best"]', '    value, best = entry["train_loss"], progress["best"]')]),
     "test rows used for selection": (LOOP, [
@@ -148,7 +149,25 @@ EDITS = {
         ("    bundled = BUNDLED[source] if source in BUNDLED and BUNDLED[source].is_file() else None",
          "    bundled = BUNDLED.get(source)")]),
     "overfitting called on any rise, noise or not": (DEEP, [
-        ('    rose = learnt and rise[0] > z * rise[1] and rise[0] > evidence["material"]', "    rose = learnt and rise[0] > 0")]),
+        ('    rose = rise[0] > z * rise[1] and rise[0] > evidence["material"]', "    rose = rise[0] > 0")]),
+    # issue 26's rows, each undone
+    "a NaN first metric kept as the best": (EDGES, [
+        ("    if not math.isnan(value) and (best is None or", "    if (best is None or")]),
+    "another loop's checkpoints overwritten": (EDGES, [
+        ("        except Exception:  # unreadable, or no dict of ours: another program's file\n            ours = False",
+         "        except Exception:  # unreadable, or no dict of ours: another program's file\n            ours = True"),
+        ('            ours = saved["version"] == CHECKPOINT_VERSION\n', "            ours = True\n")]),
+    "a swapped optimizer resumed": (EDGES, [("    check_same_optimizer(run, last, path)\n", "")]),
+    "a lone last row trained alone": (LOOP, [("    if len(parts) > 1 and len(parts[-1]) == 1:", "    if False:")]),
+    "a plateau schedule's mode unchecked": (EDGES, [
+        ('    if when == "metric" and mode in ("min", "max") and mode != wanted:', "    if False:")]),
+    "the lock written through a link": (EDGES, [('getattr(os, "O_NOFOLLOW", 0)', "0")]),
+    "a semicolon file read as one column": (EDGES, [('    return max(",;\\t", key=header.count)', '    return ","')]),
+    "a training loss far above chance unread": (EDGES, [("    if above.size:", "    if False:")]),
+    "the end of a schedule judged by its epochs": (EDGES, [
+        ('gained[0] > evidence["material"] * min(1.0, pace)', 'gained[0] > evidence["material"]')]),
+    "a memorizing fit read as not learning": (EDGES, [
+        ("    if (rose or lost or doubled) and fell:", "    if (rose or lost) and fell and learnt:")]),
 }
 
 
