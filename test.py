@@ -103,6 +103,10 @@ def targets_of(split):
 
 @pytest.fixture(scope="session")
 def fitted(data, objective, cfg) -> tuple:
+    return fit_slice(data, objective, cfg)
+
+
+def fit_slice(data: dict, objective, cfg) -> tuple:
     """Your model after 30 full-batch AdamW steps on the training slice by your loss, in eval mode,
     its outputs there, and the slice's inputs and targets."""
     model = new_model(data, objective, cfg)

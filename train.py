@@ -384,8 +384,9 @@ def fetch_batch(split, job: tuple):
     key, rows = job
     if isinstance(split, tuple):
         return rows_of(split, torch.tensor(rows))
-    model_stream = torch.get_rng_state() if key is not None else None
+    model_stream = None
     if key is not None:
+        model_stream = torch.get_rng_state()
         seed_streams(key)
     try:
         getitems = getattr(split, "__getitems__", None)  # as torch's own fetcher reads a Dataset

@@ -37,15 +37,7 @@ full = train.build_data(cfg)
 data = {**full, **{s: t.cut(full[s], t.SLICE) for s in ("train", "val", "test")}}
 objective = train.build_objective(data["meta"], cfg)
 lower, _ = train.lower_is_better(cfg, objective)
-model = t.new_model(data, objective, cfg)
-x, y = t.inputs_of(data["train"]), t.targets_of(data["train"])
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-for _ in range(30):
-    optimizer.zero_grad(set_to_none=True)
-    objective.loss(model(x), y).backward()
-    optimizer.step()
-with torch.no_grad():
-    out = model.eval()(x)
+_, out, x, y = t.fit_slice(data, objective, cfg)
 start = t.starting_outputs(data, objective, cfg, x)
 key = cfg.best_metric.removeprefix("val_")
 def value(o):
