@@ -59,7 +59,7 @@ CLASSES = 10
 def loop_train_py(model, optimizer, x, y, batch_size, seed, device):
     rows = train.shard_rows(len(x), shuffle_seed=seed)
     return train.train_one_epoch(model, train.iterate_batches((x, y), batch_size, rows), optimizer,
-                                 F.cross_entropy)
+                                 F.cross_entropy, count=len(train.batch_rows(rows, batch_size)))
 
 
 def loop_article(model, optimizer, x, y, batch_size, seed, device):
@@ -376,7 +376,7 @@ def part_datasets(epochs: int, rows: int = 20_000) -> list[float]:
         def train_py(epoch, net, optimizer):
             rows_ = train.shard_rows(rows, shuffle_seed=epoch)
             batches = train.iterate_batches(dataset, 32, rows_, torch.device("cpu"), seed=(0, epoch, 0))
-            train.train_one_epoch(net, batches, optimizer, F.cross_entropy)
+            train.train_one_epoch(net, batches, optimizer, F.cross_entropy, count=len(train.batch_rows(rows_, 32)))
 
         def plain(epoch, net, optimizer):
             rows_ = train.shard_rows(rows, shuffle_seed=epoch).tolist()

@@ -4,10 +4,12 @@
 best validation metric, tests it once on rows it never saw, and writes the history, a plot, a test
 report and a run note that reads the curves. Every TrainingConfig field is a flag (--help).
 
-Read it top to bottom. The core path comes first: the config, the four seams marked SWAP HERE
-(data, model, objective, optimizer), the step and the epoch, checkpoints and resume, main and the
-report. Blocks to read when you need them follow: the built-in objectives, the table pipeline
-(the default data), the run note, and the machinery (flags, torchrun, signals, --predict).
+Read it top to bottom. The core path comes first and holds all it calls: the config, the four
+seams marked SWAP HERE (data, model, objective, optimizer), batches, the step and the epoch,
+checkpoints and resume, main, fit and the report, then the machinery they use (files, random
+streams, torchrun, signals). Optional blocks follow, each deletable whole once you do not need it
+(README, "make it yours"): the built-in objectives, the table pipeline (the default data and
+--predict's rows), the run note and the plot, and the live view (progress bar, TensorBoard).
 """
 
 import argparse
@@ -33,6 +35,7 @@ from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -54,23 +57,23 @@ class TrainingConfig:
     feature_columns: str = ""  # comma-separated inputs; empty: all but the label and id columns
     categorical_columns: str = ""  # comma-separated number columns to one-hot as codes
     max_categories: int = 20  # one-hot slots per text column; rarer values share "other"
-    missing: str = "impute"  # blank numbers: "impute" (the training median) or "error"
-    task: str = "auto"  # "classification", "regression", or "auto": many distinct numbers regress
-    class_weight: str = "none"  # "none", or "balanced": each row weighs 1 / its class's frequency
+    missing: Literal["impute", "error"] = "impute"  # blank numbers: the training median, or refuse
+    task: Literal["auto", "classification", "regression"] = "auto"  # auto: many numbers regress
+    class_weight: Literal["none", "balanced"] = "none"  # balanced: a row weighs 1 / its class size
     datasets_dir: str = "datasets"  # dataset cache: once a dataset is here, runs are offline
     val_fraction: float = 0.15  # share of each class held out to pick the best epoch
     test_fraction: float = 0.15  # share of each class held out for one final test
     seed: int = 42  # seeds the splits, the initial weights and the shuffling
     # objective: what is optimized, and which validation metric picks best_model.pt
     best_metric: str = "val_loss"  # the history.json key that picks the best epoch and early-stops
-    mode: str = "auto"  # "min", "max", or "auto": as the objective declares (val_loss: min)
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: as the objective declares (val_loss: min)
     label_smoothing: float = 0.1  # classification: train toward 0.9 so confidence stays honest
     # optimization
     epochs: int = 50  # passes over the training split
     batch_size: int = 0  # rows per step and rank; 0: from the data's size, 16 to 512
     learning_rate: float = 1e-2  # peak AdamW learning rate
     weight_decay: float = 0.01  # AdamW decoupled weight decay
-    scheduler: str = "cosine"  # "cosine" (linear warmup, then cosine decay to zero) or "none"
+    scheduler: Literal["cosine", "none"] = "cosine"  # cosine: linear warmup, cosine decay to zero
     warmup_fraction: float = 0.05  # share of all steps spent warming up (cosine)
     grad_clip: float = 1.0  # largest gradient norm allowed; 0 turns clipping off
     early_stopping_patience: int = 0  # stop after this many epochs without a better best_metric
@@ -78,8 +81,8 @@ class TrainingConfig:
     # hardware
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU), or a device such as "cuda:1"
     use_amp: bool = False  # mixed precision through torch.autocast
-    amp_dtype: str = "auto"  # "auto" (bfloat16 where supported), "bfloat16" or "float16"
-    loader: str = "auto"  # "memory" (tensors on the device), "dataloader", or "auto"
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"  # auto: bfloat16 where supported
+    loader: Literal["auto", "memory", "dataloader"] = "auto"  # memory: tensors on the device
     num_workers: int = 0  # DataLoader worker processes
     compile: bool = False  # torch.compile the model: slower start, faster steps on big models
     # outputs
@@ -98,16 +101,59 @@ class TrainingConfig:
 RUNTIME_FIELDS = {"device", "loader", "num_workers", "compile", "checkpoint_dir", "output_dir",
                   "datasets_dir", "save_every_steps", "log_every", "tensorboard", "resume",
                   "predict"}
-CHOICES = {"mode": ("auto", "min", "max"), "scheduler": ("cosine", "none"),
-           "missing": ("impute", "error"), "loader": ("auto", "memory", "dataloader"),
-           "amp_dtype": ("auto", "bfloat16", "float16"), "class_weight": ("none", "balanced"),
-           "task": ("auto", "classification", "regression")}
 
 
 def fail(message: str):
     """Stop with one line on stderr and exit status 1: bad input is not a crash. Under torchrun
     every rank meets the same bad input, and rank 0 alone says it."""
     raise SystemExit(1 if os.environ.get("RANK", "0") != "0" else f"error: {message}")
+
+
+def parse_config(argv: list[str] | None = None, config_class=TrainingConfig) -> TrainingConfig:
+    """Every field is a flag (`batch_size`: `--batch-size` or `--batch_size`), its comment the
+    help. A field may be bool, int, float, str, a Literal of str, X | None ("none": None),
+    list[X] or tuple[X, ...]."""
+    source = Path(__file__).read_text() if Path(__file__).is_file() else ""  # frozen: no help
+    body = source.split(f"class {config_class.__name__}:", 1)[-1].split("\n\n\n", 1)[0]
+    docs = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", body, re.M))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.error = lambda message: fail(message.replace("argument ", "", 1))  # one line, no usage
+    kinds, scalars = typing.get_type_hints(config_class), (int, float, str)
+    for f in fields(config_class):
+        kind, args = kinds[f.name], typing.get_args(kinds[f.name])
+        sequence = typing.get_origin(kind) in (list, tuple) and set(args) <= {*args[:1], ...}
+        if kind is bool:
+            options = {"action": argparse.BooleanOptionalAction}
+        elif kind in scalars:
+            options = {"type": kind, "metavar": kind.__name__.upper()}
+        elif typing.get_origin(kind) is Literal:
+            options = {"choices": args}
+        elif len(args) == 2 and type(None) in args and args[0] in scalars:
+            options = {"type": lambda text, t=args[0]: None if text.lower() == "none" else t(text)}
+        elif sequence and args and args[0] in scalars:
+            options = {"type": args[0], "nargs": "*"}
+        else:
+            fail(f"{config_class.__name__}.{f.name}: a field of type {kind} cannot be a flag; use "
+                 "bool, int, float, str, Literal, X | None, list[X] or tuple[X, ...] of those")
+        default = f.default if f.default_factory is MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, default=default, help=docs.get(f.name, ""), **options)
+    argv = sys.argv[1:] if argv is None else argv
+    argv = [re.sub(r"^--[^=]+", lambda m: m[0].replace("_", "-"), a) for a in argv]
+    for i in range(len(argv) - 1, 0, -1):  # "--predict -1.5,2": argparse would take it for a flag
+        if argv[i - 1] == "--predict" and re.match(r"-[\d.]", argv[i]):
+            argv[i - 1:i + 1] = [f"--predict={argv[i]}"]
+    values = vars(parser.parse_args(argv))
+    tuples = {k for k in values if typing.get_origin(kinds[k]) is tuple}
+    return config_class(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
+
+
+def given_fields(argv: list[str]) -> set[str]:
+    """The fields named on the command line: given, which is not the same as truthy."""
+    names = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    known = TrainingConfig.__dataclass_fields__
+    return {n[3:] if n.startswith("no_") and n[3:] in known else n for n in names}
 
 
 def validate_config(cfg: TrainingConfig) -> None:
@@ -130,9 +176,6 @@ def validate_config(cfg: TrainingConfig) -> None:
          "--val-fraction and --test-fraction must be above 0, and their sum below 1"),
         (cfg.predict is None or cfg.predict.strip() != "", "--predict was given an empty value"),
     ]
-    for name, allowed in CHOICES.items():
-        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
-        rules.append((value in allowed, f"{flag} {value!r} is unknown; use {', '.join(allowed)}"))
     problems = [message for ok, message in rules if not ok]
     if problems:
         fail("; ".join(problems))
@@ -155,13 +198,12 @@ def build_data(cfg: TrainingConfig) -> dict:
     the same after --resume. Keep the three splits apart; fit every statistic (normalization, a
     vocabulary) on the training split alone.
     "meta" is what the model, the objective and prediction need, in tensors and plain values
-    (a vocabulary's size, the classes): every checkpoint holds it (loaded with weights_only). The
-    built-in objectives read "task" ("classification" or "regression"), "classes" (names, in
-    output order), "class_counts" (training rows per class: balanced weights, the run note's base
-    rates) and a regression's "target_mean" and "target_std" (targets standardized by them).
-    --resume refuses a checkpoint whose meta differs, so a fingerprint of your data
-    belongs in it. The default reads any table through Hugging Face datasets: see "the table
-    pipeline".
+    (a vocabulary's size, the classes): every checkpoint holds it (loaded with weights_only), and
+    --resume refuses a checkpoint whose meta differs, so a fingerprint of your data belongs in
+    it. The built-in objectives read "task" ("classification" or "regression"), "classes"
+    (names, in output order), "class_counts" (training rows per class: balanced weights, the run
+    note's base rates) and a regression's "target_mean" and "target_std". The default reads any
+    table through Hugging Face datasets: see "the table pipeline".
     """
     return table_data(cfg)
 
@@ -170,7 +212,10 @@ def predict_inputs(text: str, meta: dict, cfg: TrainingConfig) -> tuple:
     """SWAP HERE, with build_data, for --predict on your data: cfg.predict's text to (inputs for
     the model, as a split's inputs are, and a label for each input in the printout). meta and cfg
     are the checkpoint's. Raise ValueError, with a message naming the bad part, for bad text. The
-    default reads raw table rows: see rows_to_inputs."""
+    default reads raw table rows: see table_predict_inputs."""
+    if "preprocess" not in meta:
+        fail("--predict reads raw table rows, and best_model.pt was trained on data of your own: "
+             "make predict_inputs read yours (or load it with model_from_checkpoint)")
     return table_predict_inputs(text, meta)
 
 
@@ -213,7 +258,8 @@ class Objective:
 
 def build_objective(meta: dict, cfg: TrainingConfig) -> Objective:
     """SWAP HERE for your objective. Under torchrun, metrics and row_losses see every rank's rows.
-    cfg.best_metric picks the best checkpoint: val_loss, or "val_" and a key of metrics."""
+    cfg.best_metric picks the best checkpoint: val_loss, or "val_" and a key of metrics. The
+    defaults: see "built-in objectives"."""
     if meta["task"] == "regression":
         return regression_objective(meta)
     return classification_objective(meta, cfg)
@@ -260,6 +306,8 @@ def check_metric_mode(scheduler, when: str, cfg: TrainingConfig, lower: bool) ->
     """A scheduler stepped on the selection metric reads it the run's way: ReduceLROnPlateau's
     default, mode="min", would halve the rate while an accuracy rises."""
     mode, wanted = getattr(scheduler, "mode", None), "min" if lower else "max"
+    if when not in ("step", "epoch", "metric"):
+        fail(f"build_optimizer's scheduler steps at {when!r}: use step, epoch or metric")
     if when == "metric" and mode in ("min", "max") and mode != wanted:
         fail(f"build_optimizer's scheduler steps on {cfg.best_metric} in mode {mode!r}, and the "
              f"run keeps the epoch where it is {'lower' if lower else 'higher'}: give it "
@@ -273,8 +321,6 @@ def start_epoch(epoch: int, model: nn.Module, optimizer, scheduler, cfg: Trainin
     and scheduler's state, so --resume goes on with the same; it runs once an epoch, not again
     for an epoch resumed part-way. Add no parameter group here: --resume rebuilds the optimizer
     by build_optimizer, so every group belongs there (frozen ones included)."""
-
-
 # ============================================================================= batches
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
@@ -409,7 +455,7 @@ def collate_of(split):
 
 def train_one_epoch(model, batches, optimizer, loss_fn, scheduler=None, scaler=None,
                     amp_dtype=None, grad_clip: float = 0.0, accum_steps: int = 1,
-                    tally: dict | None = None, after_step=None) -> dict | None:
+                    tally: dict | None = None, after_step=None, count=None) -> dict | None:
     """One pass over `batches`, minimizing loss_fn(outputs, targets) (the objective's loss).
     Returns {"loss": averaged over rows (and ranks), not batches}; with clipping on, also the
     gradient norm before clipping ("grad_norm", "grad_norm_max": mean and max over the steps)
@@ -419,7 +465,8 @@ def train_one_epoch(model, batches, optimizer, loss_fn, scheduler=None, scaler=N
     backward all-reduces. A scheduler given here steps after every optimizer step. A resumed epoch
     passes the tally it saved ({"loss_sum", "rows", "steps", "norms"}), its batches starting where
     it stopped. after_step(tally) runs after every optimizer step but the epoch's last: if it
-    returns True, the epoch stops there and this returns None."""
+    returns True, the epoch stops there and this returns None. count: how many batches there are
+    (len(batches) by default; give it for a generator), so that the last is known as it comes."""
     model.train()
     device = next(model.parameters()).device
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
@@ -427,10 +474,11 @@ def train_one_epoch(model, batches, optimizer, loss_fn, scheduler=None, scaler=N
     # Sums stay on the device, so no step waits for the host; a norm slot a step, grown by doubling.
     loss_sum = tally["loss_sum"].to(device, copy=True)
     norms = torch.cat([tally["norms"][:tally["steps"]], torch.zeros(1024)]).to(device)
-    rows, steps = tally["rows"], tally["steps"]
-    for i, ((xb, yb), last) in enumerate(with_last(batches)):
+    rows, steps, count = tally["rows"], tally["steps"], len(batches) if count is None else count
+    for i, (xb, yb) in enumerate(batches):
         if i % accum_steps == 0:
             optimizer.zero_grad(set_to_none=True)
+        last = i == count - 1
         step_now = last or (i + 1) % accum_steps == 0
         with nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync():
             with autocast(device, amp_dtype):
@@ -485,15 +533,6 @@ def evaluate(model, batches, objective: Objective, amp_dtype=None) -> tuple:
     return {"loss": rows.mean().item(), **metrics}, rows, y
 
 
-@torch.inference_mode()
-def predict(model, x, batch_size: int = 1024) -> torch.Tensor:
-    """Raw model outputs for every row of x (inputs as a split holds them), float32 on the CPU."""
-    model.eval()
-    device = next(model.parameters()).device
-    return torch.cat([model(tree_map(lambda t: t.to(device), rows_of(x, slice(i, i + batch_size))))
-                      .float().cpu() for i in range(0, rows_in(x), batch_size)])
-
-
 # ============================================================================= checkpoints, resume
 
 CHECKPOINT_VERSION = 3
@@ -501,7 +540,7 @@ CHECKPOINT_VERSION = 3
 
 @dataclass
 class Run:
-    """What a run holds between the steps of main(), so that each step is a function."""
+    """What passes between set_up, fit and report."""
     cfg: TrainingConfig
     device: torch.device
     rank: int  # this process, and how many there are (1 outside torchrun)
@@ -509,6 +548,7 @@ class Run:
     amp_dtype: torch.dtype | None
     data: dict  # build_data's; train and val on the device with loader "memory"
     objective: Objective
+    lower: bool  # whether a lower cfg.best_metric is better (lower_is_better)
     model: nn.Module  # the model itself, as saved and loaded
     eval_model: nn.Module  # the same, compiled with --compile
     train_model: nn.Module  # the same, in DistributedDataParallel under torchrun
@@ -517,13 +557,9 @@ class Run:
     scheduler: object  # a torch scheduler, or None
     when: str  # when it steps: "step", "epoch" or "metric"
     scaler: torch.amp.GradScaler
-    steps: int  # optimizer steps an epoch, on each rank
+    batches: int  # batches an epoch, on each rank; optimizer steps: batches / grad_accum_steps
     progress: dict  # epoch, best, best_epoch, stale, history, run id: what last.pt restores
     tally: dict | None = None  # after a mid-epoch stop: where the next epoch goes on
-    last_rows: torch.Tensor | None = None  # the last epoch's per-row validation losses
-    saved_at: float = 0.0  # when last.pt was last written at an epoch's end (time.monotonic)
-    trainable: list | None = None  # each parameter's requires_grad as train_model was wrapped
-    lower: bool = True  # whether a lower cfg.best_metric is better (lower_is_better)
 
 
 def path_of(cfg: TrainingConfig, name: str) -> Path:
@@ -540,12 +576,18 @@ def model_state(run: Run, epoch: int) -> dict:
 def save_last(run: Run, position: dict | None = None) -> None:
     """last.pt: all --resume needs to go on exactly. `position` says where inside an epoch (its
     steps and rows so far, each rank's loss sum, the steps' gradient norms); None at its end."""
+    made_by = made_by_names(run)
     save_checkpoint(path_of(run.cfg, "last.pt"), {
         **model_state(run, run.progress["epoch"]), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict() if run.scheduler else None, "position": position,
-        "scaler": run.scaler.state_dict(), "rng": rng_states(),
+        "made_by": made_by, "scaler": run.scaler.state_dict(), "rng": rng_states(),
         "trainable": [parameter.requires_grad for parameter in run.model.parameters()],
-        "progress": {**run.progress, "history": json.dumps(run.progress["history"])}})  # one string
+        "progress": {**run.progress, "history": json.dumps(run.progress["history"])}})
+
+
+def made_by_names(run: Run) -> list[str]:
+    """What made the optimizer and the scheduler: --resume refuses a last.pt of others."""
+    return [type(run.optimizer).__name__, type(run.scheduler).__name__ if run.scheduler else "none"]
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -561,6 +603,18 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def config_of(checkpoint: dict) -> TrainingConfig:
+    saved, known = checkpoint["config"], TrainingConfig.__dataclass_fields__
+    return replace(TrainingConfig(), **{k: saved[k] for k in saved if k in known})
+
+
+def load_weights(model: nn.Module, checkpoint: dict, path) -> None:
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError) as e:
+        fail(f"{path} holds weights shaped for another model or data: {first_line(e)}")
+
+
 def model_from_checkpoint(checkpoint: dict, path="the checkpoint") -> nn.Module:
     """The model a checkpoint holds: build_model as recorded, its weights, eval mode, on the CPU."""
     cfg = config_of(checkpoint)
@@ -569,11 +623,47 @@ def model_from_checkpoint(checkpoint: dict, path="the checkpoint") -> nn.Module:
     return model.eval()
 
 
+def digest(obj) -> str:
+    """A fingerprint of plain values and tensors."""
+    def tensor(t):
+        return hashlib.sha256(t.numpy().tobytes()).hexdigest() + str(tuple(t.shape)) + str(t.dtype)
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=tensor).encode()).hexdigest()
+
+
 def check_same_data(checkpoint: dict, path: Path, meta: dict) -> None:
     """Refuse a checkpoint of a run on other data: meta, the data's own description, differs."""
     if digest(checkpoint["meta"]) != digest(meta):
         fail(f"{path} belongs to a run on other data (rows added, removed or edited, or other data "
              "settings): restore the data, or start a new run with another --checkpoint-dir")
+
+
+def refuse_overwrite(cfg: TrainingConfig) -> None:
+    """A run started without --resume overwrites last.pt and best_model.pt: only those of a
+    finished run of this train.py. Another loop's checkpoints (a project this file was copied
+    into), or a run stopped part-way, are refused. save_file writes whole files or none, so an
+    unreadable one is not ours."""
+    for name in ("last.pt", "best_model.pt"):
+        path = path_of(cfg, name)
+        if not os.path.lexists(path):
+            continue
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            ours = saved["version"] == CHECKPOINT_VERSION
+        except Exception:  # unreadable, or no dict of ours: another program's file
+            ours = False
+        if not ours:
+            fail(f"{path} was not written by this train.py (or by an older one), and a new run "
+                 "would overwrite it: move it, or start in another --checkpoint-dir")
+        if name == "last.pt":
+            progress, last_cfg = saved["progress"], config_of(saved)
+            patience = last_cfg.early_stopping_patience
+            finished = progress["epoch"] >= last_cfg.epochs or bool(
+                patience and progress["stale"] >= patience)
+            if not finished or saved["position"] is not None:
+                fail(f"{path} holds a run stopped at epoch {progress['epoch']} of "
+                     f"{last_cfg.epochs}: go on with --resume, or start afresh in another "
+                     "--checkpoint-dir")
 
 
 def resumed_config(cfg: TrainingConfig, given: set[str], last: dict) -> TrainingConfig:
@@ -591,7 +681,9 @@ def resumed_config(cfg: TrainingConfig, given: set[str], last: dict) -> Training
 
 
 def restore(run: Run, last: dict) -> None:
-    """Restore all that last.pt holds into the run, once it is known to be of this data."""
+    """Restore all that last.pt holds into the run, once it is known to be of this data and of
+    the optimizer and scheduler build_optimizer makes now (swapped between a stop and --resume,
+    loaded, they would fail or mislead later)."""
     path, best = path_of(run.cfg, "last.pt"), path_of(run.cfg, "best_model.pt")
     check_same_data(last, path, run.data["meta"])
     load_weights(run.model, last, path)
@@ -599,7 +691,14 @@ def restore(run: Run, last: dict) -> None:
     if len(last["rng"]) != run.world:
         fail(f"{path} was saved by {len(last['rng'])} process(es), and this run has {run.world}: "
              "go on with as many, or start a new run in another --checkpoint-dir")
-    check_same_optimizer(run, last, path)
+    made_by = made_by_names(run)
+    groups = [len(state["param_groups"]) for state in (last["optimizer"],
+                                                       run.optimizer.state_dict())]
+    if last["made_by"] != made_by or groups[0] != groups[1]:
+        fail(f"{path} was saved with {' and '.join(last['made_by'])} ({groups[0]} parameter "
+             f"group(s)), and build_optimizer makes {' and '.join(made_by)} ({groups[1]}) now: "
+             "restore build_optimizer as it was for this run, or start a new run in another "
+             "--checkpoint-dir")
     try:
         run.optimizer.load_state_dict(last["optimizer"])
         if run.scheduler is not None:
@@ -609,35 +708,17 @@ def restore(run: Run, last: dict) -> None:
         for parameter, trains in zip(run.model.parameters(), last["trainable"], strict=True):
             parameter.requires_grad_(trains)  # as start_epoch left them
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        fail(f"{path} cannot be resumed (incomplete, of another optimizer, or with a parameter "
-             f"group added after build_optimizer): {first_line(e)}")
+        fail(f"{path} cannot be resumed (incomplete, or of another optimizer): {first_line(e)}")
     if run.progress["best_epoch"] and not best.is_file():
         fail(f"{best} is missing (moved or deleted?), and the run in {path} needs it: put it back, "
              "or start a new run with another --checkpoint-dir")
     position = last["position"]
     if position is not None:
         run.tally = {**position, "loss_sum": position["loss_sum"][run.rank]}
-    at = f"epoch {position['epoch']}, step {position['steps']} of {run.steps}" if position else \
+    steps = math.ceil(run.batches / run.cfg.grad_accum_steps)
+    at = f"epoch {position['epoch']}, step {position['steps']} of {steps}" if position else \
         f"the end of epoch {run.progress['epoch']}"
     log.info("resumed from %s at %s", path, at)
-
-
-def check_same_optimizer(run: Run, last: dict, path: Path) -> None:
-    """Refuse, before any step, a last.pt whose optimizer or scheduler is not what build_optimizer
-    makes now (swapped between a stop and --resume): loaded, it would fail or mislead later."""
-    def settings(state: dict | None) -> list:
-        groups = state["param_groups"] if state and "param_groups" in state else [state or {}]
-        return [sorted(set(group) - {"params"}) for group in groups]
-
-    now = (run.optimizer.state_dict(), run.scheduler.state_dict() if run.scheduler else None)
-    for part, saved, made in zip(("optimizer", "scheduler"), (last["optimizer"], last["scheduler"]),
-                                 now):
-        if settings(saved) != settings(made):
-            made_by = run.scheduler if part == "scheduler" else run.optimizer
-            name = type(made_by).__name__ if made_by is not None else "none"
-            fail(f"{path} was saved with another {part} (or other parameter groups) than "
-                 f"build_optimizer makes now ({name}): restore build_optimizer as it was for this "
-                 "run, or start a new run in another --checkpoint-dir")
 
 
 # ============================================================================= main: a run
@@ -659,8 +740,8 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = resumed_config(cfg, given_fields(argv), last)
         with distributed(cfg) as (device, rank, world), one_run_per_folder(cfg, rank):
             run = set_up(cfg, device, rank, world, last)
-            fit(run, stop, argv)
-            return report(run)
+            last_rows = fit(run, stop, argv)
+            return report(run, last_rows)
 
 
 def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int = 1,
@@ -696,20 +777,16 @@ def set_up(cfg: TrainingConfig, device: torch.device, rank: int = 0, world: int 
     model = build_model(**model_args, meta=data["meta"], cfg=cfg).to(device)
     eval_model, train_model = wrap_model(model, cfg, device, world)
     batches = len(batch_rows(torch.arange(math.ceil(n_train / world)), batch))
-    steps = math.ceil(batches / cfg.grad_accum_steps)
-    optimizer, scheduler, when = build_optimizer(model, cfg, steps)
-    if when not in ("step", "epoch", "metric"):
-        fail(f"build_optimizer's scheduler steps at {when!r}: use step, epoch or metric")
+    optimizer, scheduler, when = build_optimizer(model, cfg,
+                                                 math.ceil(batches / cfg.grad_accum_steps))
     check_metric_mode(scheduler, when, cfg, lower)
     # float16 needs a GradScaler, or small gradients underflow to zero; bfloat16 has the range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run_id = every_rank(f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}")[0]  # rank 0's
     progress = {"epoch": 0, "best": None, "best_epoch": 0, "stale": 0, "history": [],
                 "run": run_id, "reference": None}
-    run = Run(cfg, device, rank, world, amp_dtype, data, objective, model, eval_model, train_model,
-              model_args, optimizer, scheduler, when, scaler, steps, progress)
-    run.trainable = [parameter.requires_grad for parameter in model.parameters()]
-    run.lower = lower
+    run = Run(cfg, device, rank, world, amp_dtype, data, objective, lower, model, eval_model,
+              train_model, model_args, optimizer, scheduler, when, scaler, batches, progress)
     if last is not None:
         restore(run, last)
     elif cfg.resume:
@@ -733,52 +810,122 @@ def split_batches(run: Run, split: str, epoch: int | None = None, start: int = 0
     return iterate_batches(run.data[split], cfg.batch_size, rows, run.device, cfg.num_workers, key)
 
 
-def fit(run: Run, stop: dict, argv: list[str]) -> None:
-    """The epoch loop: train, validate, keep the best, save, log. Ends after cfg.epochs, on early
-    stopping, or on a signal: then last.pt holds that step, and the exit status is 128 + signal."""
-    cfg, progress = run.cfg, run.progress
+# last.pt and history.json are written at an epoch's end when this many seconds have passed since
+# they last were, and always when the run ends or stops: an epoch of Iris takes 10 ms, and writing
+# both after every one of them cost a quarter of its run. A kill loses a second; resume is exact.
+SAVE_SECONDS = 1.0
+# Under DDP, how often (in steps) the ranks compare stop flags: a small collective, not one a step.
+STOP_CHECK_STEPS = 10
+
+
+def fit(run: Run, stop: dict, argv: list[str]) -> torch.Tensor | None:
+    """The epoch loop: train, validate, keep the best, save, stop. Ends after cfg.epochs, on early
+    stopping, or on a signal: then last.pt holds that very step, and the exit status is 128 + the
+    signal. Returns the last epoch's per-row validation losses (None if no epoch ran)."""
+    cfg, progress, accum = run.cfg, run.progress, run.cfg.grad_accum_steps
+    steps, every = math.ceil(run.batches / accum), cfg.save_every_steps
+    last_rows, saved_at = None, 0.0
+    trainable = [parameter.requires_grad for parameter in run.model.parameters()]
+    keep_reference = extra("reference_epoch")  # the run note compares the end with that epoch
+
+    def after_step(tally: dict) -> bool:  # inside an epoch: save every N steps, and at a stop
+        # A signal may reach the ranks a step apart: they agree every STOP_CHECK_STEPS steps.
+        check = run.world == 1 or tally["steps"] % STOP_CHECK_STEPS == 0
+        stopping = check and stop_agreed(stop, run.world)
+        if stopping:
+            stop["at"] = f"epoch {epoch}, step {tally['steps']} of {steps}"
+        if stopping or (every and tally["steps"] % every == 0):
+            # each rank's own loss sum: gathered, they keep the epoch's final sum exact
+            save_last(run, {"epoch": epoch, "steps": tally["steps"], "rows": tally["rows"],
+                            "norms": tally["norms"][:tally["steps"]].cpu(),
+                            "loss_sum": every_rank(tally["loss_sum"].cpu())})
+        return stopping
+
+    live = extra("live_view")  # the progress bar and TensorBoard: deleted, the log alone
     stop["loop"] = True  # a signal now stops after the current step, and saves it
-    with live_view(run) as view:
+    with live(run) if live else nullcontext(lambda entry: None) as show:
         for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
             patience = cfg.early_stopping_patience
             if patience and progress["stale"] >= patience:
                 log.info("early stop: %s not better in %d epochs", cfg.best_metric, patience)
                 break
-            started = time.perf_counter()
-            tally, run.tally = run.tally, None  # only a mid-epoch resume's first epoch has one
+            # train
+            started, tally, run.tally = time.perf_counter(), run.tally, None
             if tally is None:  # an epoch resumed part-way began before the stop: last.pt holds it
                 start_epoch(epoch, run.model, run.optimizer, run.scheduler, cfg)
-            follow_trainable(run, epoch)
+            trainable = follow_trainable(run, epoch, trainable)
+            done = tally["steps"] * accum if tally else 0
             batches = split_batches(run, "train", epoch, tally["rows"] if tally else 0)
-            scheduler = run.scheduler if run.when == "step" else None
-            after_step = partial(step_done, run, epoch, stop)
-            trained = train_one_epoch(run.train_model, batches, run.optimizer, run.objective.loss,
-                                      scheduler, run.scaler, run.amp_dtype, cfg.grad_clip,
-                                      cfg.grad_accum_steps, tally, after_step)
+            trained = train_one_epoch(
+                run.train_model, batches, run.optimizer, run.objective.loss,
+                run.scheduler if run.when == "step" else None, run.scaler, run.amp_dtype,
+                cfg.grad_clip, accum, tally, after_step, count=run.batches - done)
             if trained is None:
-                break  # stopped mid-epoch, and last.pt holds that step
-            val, rows, _ = evaluate(run.eval_model, split_batches(run, "val"), run.objective,
-                                    run.amp_dtype)
-            record_epoch(run, epoch, trained, val, rows, time.perf_counter() - started)
-            show_epoch(run, view)
+                break  # stopped mid-epoch, and after_step wrote last.pt at that very step
+            # validate
+            val, last_rows, _ = evaluate(run.eval_model, split_batches(run, "val"), run.objective,
+                                         run.amp_dtype)
+            for name, value in (("training", trained["loss"]), ("validation", val["loss"])):
+                if not math.isfinite(value):
+                    kept = f"holds epoch {progress['best_epoch']}" if progress["best_epoch"] else \
+                        "is not written"
+                    fail(f"epoch {epoch}: the {name} loss is {value}. Likely causes: a learning "
+                         "rate too high (lower --learning-rate), float16 overflow (use --amp-dtype "
+                         f"bfloat16), or extreme values in the data. This epoch is not saved; "
+                         f"best_model.pt {kept}")
+            metrics = {f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))}
+            if cfg.best_metric not in metrics:  # not train_loss, lr or seconds: a held-out metric
+                fail(f"--best-metric {cfg.best_metric} is not a validation metric of this "
+                     f"objective, which reports {', '.join(metrics)}")
+            rates = [group["lr"] for group in run.optimizer.param_groups]  # lr, lr_1, lr_2, ...
+            entry = {"epoch": epoch, "train_loss": trained.pop("loss"), **metrics, **trained,
+                     "lr": rates[0], **{f"lr_{i}": rate for i, rate in enumerate(rates[1:], 1)},
+                     "seconds": time.perf_counter() - started}
+            progress["history"].append(entry)
+            progress["epoch"] = epoch
+            if run.when == "metric":
+                run.scheduler.step(entry[cfg.best_metric])
+            elif run.when == "epoch" and run.scheduler is not None:
+                run.scheduler.step()
+            # select: never the last epoch as such; never NaN (0/0 on this split), unbeatable
+            value, best = entry[cfg.best_metric], progress["best"]
+            if not math.isnan(value) and (best is None or (value < best if run.lower
+                                                           else value > best)):
+                progress.update(best=value, best_epoch=epoch, stale=0)
+                state = {**model_state(run, epoch), cfg.best_metric: value}
+                save_checkpoint(path_of(cfg, "best_model.pt"), state)
+            else:
+                progress["stale"] += 1
+            if keep_reference and epoch == keep_reference(cfg.epochs):
+                progress["reference"] = last_rows.cpu()
+            # save: last.pt and history.json, at most every SAVE_SECONDS (always at the end)
+            due = time.monotonic() - saved_at >= SAVE_SECONDS
+            if run.world > 1:
+                due = any(every_rank(due))  # the ranks save together: saving gathers their streams
+            if due:
+                saved_at = save_progress(run)
+            log_epoch(entry, cfg)
+            show(entry)
+            # stop, if a signal asked
             if stop_agreed(stop, run.world):
                 break
     stop["loop"] = False
-    if stop.get("at") is not None:  # mid-epoch: step_done wrote last.pt at that very step
+    if stop.get("at") is not None:  # mid-epoch: after_step wrote last.pt at that very step
         write_json(path_of(cfg, "history.json"), progress["history"])
     elif run.tally is None:  # the epoch's end: not yet saved, maybe
         save_progress(run)
     if stop["signal"] is not None:
         exit_resumable(run, stop, argv)
+    return last_rows
 
 
-def follow_trainable(run: Run, epoch: int) -> None:
+def follow_trainable(run: Run, epoch: int, trainable: list) -> list:
     """After start_epoch: a change in which parameters train is logged, and under DDP the model is
     wrapped anew (the old wrapper freed first: its reducer removes its hooks as it goes)."""
-    trainable = [parameter.requires_grad for parameter in run.model.parameters()]
-    if trainable == run.trainable:
-        return
-    if not any(trainable):
+    now = [parameter.requires_grad for parameter in run.model.parameters()]
+    if now == trainable:
+        return now
+    if not any(now):
         fail(f"epoch {epoch}: no parameter requires a gradient (did start_epoch freeze them all?)")
     sizes = [(parameter.numel(), parameter.requires_grad) for parameter in run.model.parameters()]
     log.info("epoch %d: %d of %d parameters train", epoch, sum(n for n, t in sizes if t),
@@ -787,94 +934,31 @@ def follow_trainable(run: Run, epoch: int) -> None:
         run.train_model = None
         gc.collect()
         run.train_model = data_parallel(run.eval_model, run.device, run.world)
-    run.trainable = trainable
+    return now
 
 
-# Under DDP, how often (in steps) the ranks compare stop flags: a small collective, not one a step.
-STOP_CHECK_STEPS = 10
-
-
-def step_done(run: Run, epoch: int, stop: dict, tally: dict) -> bool:
-    """After each step inside an epoch: last.pt every save_every_steps steps, and on a stop at that
-    very step; whether to stop. A signal may reach the ranks a step apart: they agree every
-    STOP_CHECK_STEPS steps, and all stop on the same one."""
-    steps, every = tally["steps"], run.cfg.save_every_steps
-    stopping = (run.world == 1 or steps % STOP_CHECK_STEPS == 0) and stop_agreed(stop, run.world)
-    if stopping or (every and steps % every == 0):
-        # each rank's own loss sum: gathered, they keep the epoch's final sum exact
-        save_last(run, {"epoch": epoch, "steps": steps, "rows": tally["rows"],
-                        "norms": tally["norms"][:steps].cpu(),
-                        "loss_sum": every_rank(tally["loss_sum"].cpu())})
-    if stopping:
-        stop["at"] = f"epoch {epoch}, step {steps} of {run.steps}"
-    return stopping
-
-
-def record_epoch(run: Run, epoch: int, trained: dict, val: dict, rows, seconds: float) -> None:
-    """The epoch's line in the history; best_model.pt when best_metric is the best yet; last.pt."""
-    cfg, progress = run.cfg, run.progress
-    for name, value in (("training", trained["loss"]), ("validation", val["loss"])):
-        if not math.isfinite(value):
-            best = progress["best_epoch"]
-            kept = f"holds epoch {best}" if best else "is not written"
-            fail(f"epoch {epoch}: the {name} loss is {value}. Likely causes: a learning rate too "
-                 "high (lower --learning-rate), float16 overflow (use --amp-dtype bfloat16), or "
-                 f"extreme values in the data. This epoch is not saved; best_model.pt {kept}")
-    metrics = {f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))}
-    entry = {"epoch": epoch, "train_loss": trained.pop("loss"), **metrics, **trained,
-             **learning_rates(run.optimizer), "seconds": seconds}
-    if cfg.best_metric not in metrics:  # not train_loss, lr or seconds: a held-out metric
-        fail(f"--best-metric {cfg.best_metric} is not a validation metric of this objective, which "
-             f"reports {', '.join(metrics)}")
-    progress["history"].append(entry)
-    progress["epoch"] = epoch
-    if run.when == "metric":
-        run.scheduler.step(entry[cfg.best_metric])
-    elif run.when == "epoch" and run.scheduler is not None:
-        run.scheduler.step()
-    value, best = entry[cfg.best_metric], progress["best"]
-    # never "last"; and never NaN (a metric 0/0 on this split), which no later value could beat
-    if not math.isnan(value) and (best is None or (value < best if run.lower else value > best)):
-        progress.update(best=value, best_epoch=epoch, stale=0)
-        state = {**model_state(run, epoch), cfg.best_metric: value}
-        save_checkpoint(path_of(cfg, "best_model.pt"), state)
-    else:
-        progress["stale"] += 1
-    if epoch == reference_epoch(cfg.epochs):  # the run note compares the run's end with it
-        progress["reference"] = rows.cpu()
-    run.last_rows = rows
-    due = time.monotonic() - run.saved_at >= SAVE_SECONDS
-    if run.world > 1:
-        due = any(every_rank(due))  # the ranks save together: saving gathers their random streams
-    if due:
-        save_progress(run)
-
-
-def learning_rates(optimizer) -> dict:
-    """The history's "lr": parameter group 0's rate; with more groups, also lr_1, lr_2, ..."""
-    rates = [group["lr"] for group in optimizer.param_groups]
-    return {"lr": rates[0], **{f"lr_{i}": rate for i, rate in enumerate(rates[1:], 1)}}
-
-
-# last.pt and history.json are written at an epoch's end when this many seconds have passed since
-# they last were, and always when the run ends or stops: an epoch of Iris takes 10 ms, and writing
-# both after every one of them cost a quarter of its run. A kill loses a second; resume is exact.
-SAVE_SECONDS = 1.0
-
-
-def save_progress(run: Run) -> None:
+def save_progress(run: Run) -> float:
     save_last(run)
     write_json(path_of(run.cfg, "history.json"), run.progress["history"])
-    run.saved_at = time.monotonic()
+    return time.monotonic()
 
 
-def report(run: Run) -> dict:
+def log_epoch(entry: dict, cfg: TrainingConfig) -> None:
+    """The epoch's log line, every log_every epochs, and the first and the last."""
+    if entry["epoch"] in (1, cfg.epochs) or entry["epoch"] % cfg.log_every == 0:
+        scores = "  ".join(f"{k} {v:.4f}" for k, v in entry.items() if k.startswith("val_"))
+        rates = "/".join(f"{v:.2e}" for k, v in entry.items() if re.fullmatch(r"lr(_\d+)?", k))
+        log.info("epoch %3d/%d  train_loss %.4f  %s  lr %s  %.2fs", entry["epoch"], cfg.epochs,
+                 entry["train_loss"], scores, rates, entry["seconds"])
+
+
+def report(run: Run, last_rows: torch.Tensor | None) -> dict:
     """The test split, touched once, by the best checkpoint, after every choice is made; then
-    test_report.json, the run note, the plot and the log's summary."""
+    test_report.json, the run note and the plot (if their block is kept) and the log's summary.
+    last_rows: the last epoch's per-row validation losses (None: evaluated now)."""
     cfg, progress, objective = run.cfg, run.progress, run.objective
     evaluation = partial(evaluate, run.eval_model, objective=objective, amp_dtype=run.amp_dtype)
-    last_rows = run.last_rows  # the weights fit ended with, as its last epoch evaluated them
-    if last_rows is None:  # a finished run resumed: those weights, evaluated now
+    if last_rows is None:  # a finished run resumed: the weights it ended with, evaluated now
         _, last_rows, _ = evaluation(split_batches(run, "val"))
     barrier()  # rank 0's best_model.pt is whole before any rank reads it
     path = path_of(cfg, "best_model.pt")
@@ -893,37 +977,335 @@ def report(run: Run) -> dict:
     base = None if objective.baseline is None else objective.row_losses(
         objective.baseline.expand(rows_in(y_val), -1), y_val)
     rows = {"best": best_rows, "last": last_rows, "reference": progress["reference"], "base": base}
-    diagnosis = diagnose(progress["history"], progress["best_epoch"], rows, cfg)
     result = {**test, "rows": split_rows(run.data["test"]), "best_epoch": progress["best_epoch"],
-              "best_metric": cfg.best_metric, "mode": "min" if run.lower else "max",
-              "diagnosis": diagnosis}
-    title = f"{run.data['meta'].get('title', 'run')}  (run {progress['run']})"
-    note = run_note(diagnosis, progress["history"], result, cfg, title)
-    write_json(path_of(cfg, "test_report.json"), result)
-    save_file(path_of(cfg, "run_note.md"), lambda f: f.write(note.encode()))
-    if run.rank == 0 and progress["history"]:
-        plot_history(progress["history"], cfg, title, progress["best_epoch"], diagnosis["findings"])
+              "best_metric": cfg.best_metric, "mode": "min" if run.lower else "max"}
     scores = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float))
     log.info("test, best epoch %d: %s on %d rows", progress["best_epoch"], scores, result["rows"])
-    classes = run.data["meta"].get("classes") or []
-    if "confusion_matrix" in test and len(classes) <= 20:  # past that, noise: the report holds it
-        log.info("confusion matrix (rows: the true class, columns: the predicted one):")
-        width = max(len(str(c)) for c in classes)
-        for name, counts in zip(classes, test["confusion_matrix"]):
-            log.info("  %*s  %s", width, name, " ".join(f"{v:4d}" for v in counts))
+    title = f"{run.data['meta'].get('title', 'run')}  (run {progress['run']})"
+    note = extra("write_run_note")  # the run note and the plot: deleted, neither is written
+    result["diagnosis"] = note(run.rank, progress["history"], rows, result, cfg, title) \
+        if note else None
+    write_json(path_of(cfg, "test_report.json"), result)
     names = ("best_model.pt", "last.pt", "history.json", "loss_curve.png", "test_report.json",
              "run_note.md")
-    written = [path_of(cfg, name) for name in names]
-    log.info("wrote %s", ", ".join(str(p) for p in written if p.exists()))
-    for line in note.split("\n## ")[0].splitlines()[2:]:  # the note, up to its suggestions
-        if line:
-            log.info("%s", line.replace("**", ""))
+    written = [path_of(cfg, name) for name in names if path_of(cfg, name).exists()]
+    log.info("wrote %s", ", ".join(map(str, written)))
     return {"best_epoch": progress["best_epoch"], "best": progress["best"], "report": result,
-            "diagnosis": diagnosis, "history": progress["history"], "files": written}
+            "diagnosis": result["diagnosis"], "history": progress["history"], "files": written}
+
+
+@torch.inference_mode()
+def predict(model, x, batch_size: int = 1024) -> torch.Tensor:
+    """Raw model outputs for every row of x (inputs as a split holds them), float32 on the CPU."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(tree_map(lambda t: t.to(device), rows_of(x, slice(i, i + batch_size))))
+                      .float().cpu() for i in range(0, rows_in(x), batch_size)])
+
+
+def predict_from_cli(cfg: TrainingConfig) -> list[str]:
+    """Print best_model.pt's prediction for each input predict_inputs reads from cfg.predict.
+    Trains nothing, writes nothing."""
+    path = path_of(cfg, "best_model.pt")
+    checkpoint = load_checkpoint(path)
+    saved = config_of(checkpoint)
+    try:
+        inputs, labels = predict_inputs(cfg.predict, checkpoint["meta"], saved)
+    except ValueError as e:
+        fail(f"--predict {e}")
+    outputs = predict(model_from_checkpoint(checkpoint, path), inputs)
+    bad = (~torch.isfinite(outputs)).any(dim=-1).nonzero().flatten().tolist()
+    if bad:
+        fail(f"--predict row {bad[0] + 1}: the model's output is not finite (a huge value?)")
+    texts = build_objective(checkpoint["meta"], saved).describe(outputs)
+    lines = [f"{label} -> {text}" for label, text in zip(labels, texts)]
+    print("\n".join(lines))
+    return lines
+
+
+# ============================================================================= machinery
+# What the core path above uses, and a first reading may skip: the device, files written whole,
+# random streams, torchrun's process group, the folder lock, signals.
+
+def extra(name: str):
+    """An optional block's entry point, or None once its block is deleted: the run goes on
+    without it (README, "make it yours")."""
+    return globals().get(name)
+
+
+def get_best_device(requested: str = "auto") -> torch.device:
+    """The device as its tensors name it: "cuda" is cuda:0, which is what the data's tensors are
+    compared with (torch.device("cuda") != torch.device("cuda:0"))."""
+    if requested == "auto" and torch.cuda.is_available():
+        requested = "cuda"
+    elif requested == "auto":
+        requested = "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        return torch.empty(0, device=requested).device  # raises where there is no such device
+    except (RuntimeError, AssertionError):
+        fail(f"--device {requested!r} is not a device of this machine; use auto, cpu, cuda or mps")
+
+
+def resolve_amp_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for float32 throughout."""
+    if not cfg.use_amp:
+        return None
+    if cfg.amp_dtype == "float16" and device.type != "cuda":
+        fail(f"--amp-dtype float16 needs a CUDA device (this run uses {device}); use bfloat16")
+    if cfg.amp_dtype == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
+
+
+def choose_loader(cfg: TrainingConfig, device: torch.device, data: dict) -> str:
+    """"memory" for tensors that fit the device: sliced there, no per-row fetch and collate."""
+    if not all(isinstance(data[s], tuple) for s in ("train", "val")):
+        return "dataloader"
+    if cfg.loader != "auto" or device.type != "cuda":  # CPU and MPS: the data already sits there
+        return "memory" if cfg.loader == "auto" else cfg.loader
+    size = sum(t.numel() * t.element_size() for s in ("train", "val") for t in tensors_in(data[s]))
+    return "memory" if size < torch.cuda.mem_get_info(device)[0] // 4 else "dataloader"
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test.{os.getpid()}"
+        probe.unlink(missing_ok=True)
+        probe.touch(exist_ok=False)  # O_EXCL: a link left at that name is not followed
+        probe.unlink()
+    except OSError as e:
+        fail(f"cannot create or write to the folder {path}: {e.strerror or e}")
+
+
+def check_storable(meta: dict) -> None:
+    """Every checkpoint holds meta and loads with weights_only: refuse at once what would not."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(meta, buffer)
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    except Exception as e:
+        fail("build_data's meta may hold only tensors, str, int, float, bool, None, and lists and "
+             f"dicts of them: {first_line(e)}")
+
+
+def save_file(path: Path, write) -> None:
+    """Every output goes through here, on rank 0 alone. write(f) fills a temporary file beside
+    `path`, then renamed over it: a kill at any instant leaves the old file or the new one, never
+    half of one. (No fsync: it guards against power cuts, not kills, and cost 0.3 s.)"""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return  # under DDP every rank holds the same state: one writer
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # left by a killed run of this pid; "x" below follows no link
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except Exception as e:  # a full disk reaches torch.save as a RuntimeError, not an OSError
+        why = getattr(e, "strerror", None) or first_line(e)
+        fail(f"could not write {path}: {why}; any previous {path.name} is untouched")
+    finally:
+        with suppress(OSError):
+            tmp.unlink()  # gone after the rename; left by a failure, or a stop mid-write
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    save_file(path, partial(torch.save, state))
+
+
+def write_json(path: Path, obj) -> None:
+    """Readable JSON; a list (the history) an item a line: fast even at thousands of epochs."""
+    text = json.dumps(obj, indent=2)
+    if isinstance(obj, list):
+        text = "[\n" + ",\n".join(map(json.dumps, obj)) + "\n]"
+    save_file(path, lambda f: f.write((text + "\n").encode()))
+
+
+def rng_states() -> list[dict]:
+    """Every random stream the run draws from, one entry a rank (shuffling needs none: it is a
+    function of seed and epoch). weights_only loads no ndarray: numpy's key travels as a list."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return every_rank({"python": random.getstate(), "numpy": numpy_state,
+                       "torch": torch.get_rng_state(), "cuda": cuda})
+
+
+def seed_streams(key: tuple, torch_too: bool = True) -> None:
+    """Python's, NumPy's and (torch_too) torch's CPU random streams seeded from key, ints."""
+    seed = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
+    random.seed(seed)
+    np.random.seed(seed)
+    if torch_too:
+        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed CUDA's too
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    states["numpy"]["state"]["key"] = np.array(states["numpy"]["state"]["key"], dtype=np.uint32)
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+@contextmanager
+def distributed(cfg: TrainingConfig):
+    """Under torchrun (RANK and WORLD_SIZE set): join the process group (nccl on CUDA, gloo
+    otherwise) and pin this rank to its GPU. Yields (device, rank, world size); outside
+    torchrun, (the chosen device, 0, 1)."""
+    device = get_best_device(cfg.device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        yield device, 0, 1
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device, dist.get_rank(), dist.get_world_size()
+        dist.barrier()  # the ranks leave together, once rank 0 has written everything
+    finally:
+        # Destroyed, its threads joined, while Python is whole. A group alive at interpreter exit
+        # can have a gloo thread free a finished collective's tensors then: it needs the GIL and
+        # aborts the process (SIGABRT, "terminate called without an active exception"), and
+        # torchrun kills the other ranks. DDP keeps its group alive: it gets one of its own.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def every_rank(obj) -> list:
+    """obj from every rank, in rank order (a collective under DDP); outside torchrun, [obj]."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def wrap_model(model: nn.Module, cfg: TrainingConfig, device: torch.device, world: int):
+    """The model as evaluated (compiled with --compile) and as trained (in DDP under torchrun):
+    one set of weights; checkpoints save `model` itself, with no prefixes."""
+    if cfg.compile and device.type == "cpu" and not any(map(shutil.which, ("cc", "gcc", "clang"))):
+        fail("--compile on CPU needs a C++ compiler (gcc or clang): install one, or drop it")
+    eval_model = torch.compile(model) if cfg.compile else model
+    return eval_model, data_parallel(eval_model, device, world)
+
+
+def data_parallel(model: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """model in DistributedDataParallel under torchrun. DDP reduces the gradients of the parameters
+    that required them when it was made: fit makes it anew when start_epoch changes which do."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    group = dist.new_group()  # of its own: DDP holds its group to the end (see distributed)
+    return DistributedDataParallel(model, device_ids=ids, process_group=group)
+
+
+@contextmanager
+def one_run_per_folder(cfg: TrainingConfig, rank: int = 0):
+    """Hold checkpoint_dir/.lock while the run lasts: a second run on the folder is refused in
+    one line, instead of both overwriting each other's checkpoints."""
+    path = cfg.checkpoint_dir
+    fcntl = None
+    with suppress(ImportError):  # not POSIX: unguarded
+        import fcntl
+    if rank != 0 or fcntl is None:
+        yield
+        return
+    lock = Path(path) / ".lock"
+    check_writable(lock.parent)
+    try:  # O_NOFOLLOW: a .lock linking elsewhere (an unpacked archive): its target is never written
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as e:
+        fail(f"cannot open {lock} ({e.strerror}): a symbolic link? delete it, or give this run "
+             "another --checkpoint-dir")
+    with open(descriptor, "r+") as handle:
+        try:  # lockf, not flock: a DataLoader worker (a fork) outliving a kill -9 holds no lockf
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            fail(f"another run (pid {holder}) is using {path}; wait for it to end, or give this "
+                 "one another --checkpoint-dir")
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+@contextmanager
+def signals_caught():
+    """SIGINT (Ctrl-C), SIGTERM (schedulers, spot reclaim) and SIGHUP (a closed terminal). In the
+    epoch loop the first asks it to stop after the current step and save it (step_done); anywhere
+    else, or a second time, the run stops at once, in one line. Files are whole either way, being
+    written atomically. A signal ignored when the run began (nohup's SIGHUP) stays ignored."""
+    stop = {"signal": None, "loop": False}
+
+    def caught(signum, frame):
+        name = signal.Signals(signum).name
+        if stop["loop"] and stop["signal"] is None:
+            stop["signal"] = signum
+            log.warning("%s: finishing the current step, then stopping (again: at once)", name)
+            return
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped by {name}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    with suppress(ValueError):  # not the main thread: signals belong to whoever owns it
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                previous[s] = signal.signal(s, caught)
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_agreed(stop: dict, world: int) -> bool:
+    """Whether to stop now. A signal may reach one rank alone: all stop if one is asked."""
+    if world > 1:
+        stop["signal"] = max(s or 0 for s in every_rank(stop["signal"])) or None
+    return stop["signal"] is not None
+
+
+def exit_resumable(run: Run, stop: dict, argv: list[str]) -> None:
+    """After a stop in the loop, its files saved: plot what finished, say how to resume, and exit
+    128 + the signal."""
+    plot = extra("plot_history")
+    if plot and run.progress["history"] and run.rank == 0:
+        title = f"run {run.progress['run']}, stopped"
+        plot(run.progress["history"], run.cfg, title, run.progress["best_epoch"], [])
+    launcher = ["torchrun", f"--nproc_per_node={run.world}"] if run.world > 1 else ["python"]
+    again = shlex.join([*launcher, "train.py", *[a for a in argv if a != "--resume"], "--resume"])
+    at = stop.get("at") or f"the end of epoch {run.progress['epoch']}"
+    log.warning("stopped by %s: %s holds %s. Resume with: %s", signal.Signals(stop["signal"]).name,
+                path_of(run.cfg, "last.pt"), at, again)
+    barrier()  # under torchrun a rank that exits first gets the others killed: rank 0 has spoken
+    raise SystemExit(128 + stop["signal"])
 
 
 # ============================================================================= built-in objectives
-# What build_objective picks from meta. Read these when you write an objective of your own.
+# Optional: what build_objective picks from meta. Read these when you write an objective of your
+# own; delete them whole once build_objective is yours.
 
 def classification_objective(meta: dict, cfg: TrainingConfig) -> Objective:
     """Cross-entropy over a logit a class; for two classes one logit and binary cross-entropy (the
@@ -1010,8 +1392,9 @@ def regression_objective(meta: dict) -> Objective:
 
 
 # ============================================================================= the table pipeline
-# The default data seam: any table by flags, text and blank cells included. Read it to know what
-# becomes of each column; skip it when build_data is yours.
+# Optional: the default data seam, any table by flags, text and blank cells included, and
+# --predict's raw rows. Read it to know what becomes of each column; delete it whole once
+# build_data and predict_inputs are yours.
 
 BUNDLED = {"scikit-learn/iris": Path(__file__).resolve().parent / "datasets" / "Iris.csv"}
 LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -1513,8 +1896,9 @@ def rows_to_inputs(rows, meta: dict) -> tuple[torch.Tensor, dict]:
 
 
 # ============================================================================= the run note
-# The run reads its own curves: run_note.md, and "diagnosis" in test_report.json. Read this to know
-# how a verdict is reached; every threshold lives in NOTE_LIMITS, with its reason.
+# Optional: the run reads its own curves: run_note.md, the plot, and "diagnosis" in
+# test_report.json. Read this to know how a verdict is reached; every threshold lives in
+# NOTE_LIMITS, with its reason. Deleted whole, a run writes neither note nor plot.
 
 NOTE_LIMITS = {
     # A difference is real past this many standard errors of its mean, over the same validation
@@ -1538,6 +1922,21 @@ NOTE_LIMITS = {
     # calls real. Held-out loss that doubles from its best while training loss halves is overfit.
     "doubled": 1.0,
 }
+
+
+def write_run_note(rank: int, history: list[dict], rows: dict, result: dict, cfg: TrainingConfig,
+                   title: str) -> dict:
+    """report's call: diagnose the curves, write run_note.md and the plot, and log the note up to
+    its suggestions. Returns the diagnosis, for test_report.json."""
+    diagnosis = diagnose(history, result["best_epoch"], rows, cfg)
+    note = run_note(diagnosis, history, result, cfg, title)
+    save_file(path_of(cfg, "run_note.md"), lambda f: f.write(note.encode()))
+    if rank == 0 and history:
+        plot_history(history, cfg, title, result["best_epoch"], diagnosis["findings"])
+    for line in note.split("\n## ")[0].splitlines()[2:]:  # the note, up to its suggestions
+        if line:
+            log.info("%s", line.replace("**", ""))
+    return diagnosis
 
 
 def reference_epoch(epochs: int) -> int:
@@ -1755,395 +2154,23 @@ def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int
     save_file(path_of(cfg, "loss_curve.png"), lambda f: fig.savefig(f, format="png"))
 
 
-# ============================================================================= machinery
-# What makes a run robust and pleasant, and a first reading skips: flags, files written whole,
-# random streams, torchrun's process group, the folder lock, signals, the progress bar and
-# TensorBoard, and --predict.
-
-def get_best_device(requested: str = "auto") -> torch.device:
-    """The device as its tensors name it: "cuda" is cuda:0, which is what the data's tensors are
-    compared with (torch.device("cuda") != torch.device("cuda:0"))."""
-    if requested == "auto" and torch.cuda.is_available():
-        requested = "cuda"
-    elif requested == "auto":
-        requested = "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        return torch.empty(0, device=requested).device  # raises where there is no such device
-    except (RuntimeError, AssertionError):
-        fail(f"--device {requested!r} is not a device of this machine; use auto, cpu, cuda or mps")
-
-
-def resolve_amp_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for float32 throughout."""
-    if not cfg.use_amp:
-        return None
-    if cfg.amp_dtype == "float16" and device.type != "cuda":
-        fail(f"--amp-dtype float16 needs a CUDA device (this run uses {device}); use bfloat16")
-    if cfg.amp_dtype == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
-
-
-def with_last(items):
-    """(item, is_last) pairs: a loop over a generator that knows its final item."""
-    iterator = iter(items)
-    previous = next(iterator, with_last)  # with_last itself stands for "no item"
-    for item in iterator:
-        yield previous, False
-        previous = item
-    if previous is not with_last:
-        yield previous, True
-
-
-def config_of(checkpoint: dict) -> TrainingConfig:
-    saved, known = checkpoint["config"], TrainingConfig.__dataclass_fields__
-    return replace(TrainingConfig(), **{k: saved[k] for k in saved if k in known})
-
-
-def digest(obj) -> str:
-    """A fingerprint of plain values and tensors."""
-    def tensor(t):
-        return hashlib.sha256(t.numpy().tobytes()).hexdigest() + str(tuple(t.shape)) + str(t.dtype)
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=tensor).encode()).hexdigest()
-
-
-def load_weights(model: nn.Module, checkpoint: dict, path) -> None:
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError) as e:
-        fail(f"{path} holds weights shaped for another model or data: {first_line(e)}")
-
-
-def refuse_overwrite(cfg: TrainingConfig) -> None:
-    """A run started without --resume overwrites last.pt and best_model.pt: only those of a
-    finished run of this train.py. Another loop's checkpoints (a project this file was copied
-    into), or a run stopped part-way, are refused. save_file writes whole files or none, so an
-    unreadable one is not ours."""
-    for name in ("last.pt", "best_model.pt"):
-        path = path_of(cfg, name)
-        if not os.path.lexists(path):
-            continue
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            ours = saved["version"] == CHECKPOINT_VERSION
-        except Exception:  # unreadable, or no dict of ours: another program's file
-            ours = False
-        if not ours:
-            fail(f"{path} was not written by this train.py (or by an older one), and a new run "
-                 "would overwrite it: move it, or start in another --checkpoint-dir")
-        if name == "last.pt":
-            progress, last_cfg = saved["progress"], config_of(saved)
-            patience = last_cfg.early_stopping_patience
-            finished = progress["epoch"] >= last_cfg.epochs or bool(
-                patience and progress["stale"] >= patience)
-            if not finished or saved["position"] is not None:
-                fail(f"{path} holds a run stopped at epoch {progress['epoch']} of "
-                     f"{last_cfg.epochs}: go on with --resume, or start afresh in another "
-                     "--checkpoint-dir")
-
-
-def choose_loader(cfg: TrainingConfig, device: torch.device, data: dict) -> str:
-    """"memory" for tensors that fit the device: sliced there, no per-row fetch and collate."""
-    if not all(isinstance(data[s], tuple) for s in ("train", "val")):
-        return "dataloader"
-    if cfg.loader != "auto" or device.type != "cuda":  # CPU and MPS: the data already sits there
-        return "memory" if cfg.loader == "auto" else cfg.loader
-    size = sum(t.numel() * t.element_size() for s in ("train", "val") for t in tensors_in(data[s]))
-    return "memory" if size < torch.cuda.mem_get_info(device)[0] // 4 else "dataloader"
-
-
-def parse_config(argv: list[str] | None = None, config_class=TrainingConfig) -> TrainingConfig:
-    """Every field is a flag (`batch_size`: `--batch-size` or `--batch_size`), its comment the
-    help. A field may be bool, int, float, str, X | None ("none": None), list[X], tuple[X, ...]."""
-    source = Path(__file__).read_text() if Path(__file__).is_file() else ""  # frozen: no help
-    body = source.split(f"class {config_class.__name__}:", 1)[-1].split("\n\n\n", 1)[0]
-    docs = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", body, re.M))
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    kinds, scalars = typing.get_type_hints(config_class), (int, float, str)
-    for f in fields(config_class):
-        kind, args = kinds[f.name], typing.get_args(kinds[f.name])
-        sequence = typing.get_origin(kind) in (list, tuple) and set(args) <= {*args[:1], ...}
-        if kind is bool:
-            options = {"action": argparse.BooleanOptionalAction}
-        elif kind in scalars:
-            options = {"type": kind, "metavar": kind.__name__.upper()}
-        elif len(args) == 2 and type(None) in args and args[0] in scalars:
-            options = {"type": lambda text, t=args[0]: None if text.lower() == "none" else t(text)}
-        elif sequence and args and args[0] in scalars:
-            options = {"type": args[0], "nargs": "*"}
-        else:
-            fail(f"{config_class.__name__}.{f.name}: a field of type {kind} cannot be a flag; use "
-                 "bool, int, float, str, X | None, list[X] or tuple[X, ...] of those")
-        default = f.default if f.default_factory is MISSING else f.default_factory()
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, default=default, help=docs.get(f.name, ""), **options)
-    argv = sys.argv[1:] if argv is None else argv
-    argv = [re.sub(r"^--[^=]+", lambda m: m[0].replace("_", "-"), a) for a in argv]
-    for i in range(len(argv) - 1, 0, -1):  # "--predict -1.5,2": argparse would take it for a flag
-        if argv[i - 1] == "--predict" and re.match(r"-[\d.]", argv[i]):
-            argv[i - 1:i + 1] = [f"--predict={argv[i]}"]
-    values = vars(parser.parse_args(argv))
-    tuples = {k for k in values if typing.get_origin(kinds[k]) is tuple}
-    return config_class(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
-
-
-def given_fields(argv: list[str]) -> set[str]:
-    """The fields named on the command line: given, which is not the same as truthy."""
-    names = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    known = TrainingConfig.__dataclass_fields__
-    return {n[3:] if n.startswith("no_") and n[3:] in known else n for n in names}
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def check_writable(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test.{os.getpid()}"
-        probe.unlink(missing_ok=True)
-        probe.touch(exist_ok=False)  # O_EXCL: a link left at that name is not followed
-        probe.unlink()
-    except OSError as e:
-        fail(f"cannot create or write to the folder {path}: {e.strerror or e}")
-
-
-def check_storable(meta: dict) -> None:
-    """Every checkpoint holds meta and loads with weights_only: refuse at once what would not."""
-    buffer = io.BytesIO()
-    try:
-        torch.save(meta, buffer)
-        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    except Exception as e:
-        fail("build_data's meta may hold only tensors, str, int, float, bool, None, and lists and "
-             f"dicts of them: {first_line(e)}")
-
-
-def save_file(path: Path, write) -> None:
-    """Every output goes through here, on rank 0 alone. write(f) fills a temporary file beside
-    `path`, then renamed over it: a kill at any instant leaves the old file or the new one, never
-    half of one. (No fsync: it guards against power cuts, not kills, and cost 0.3 s.)"""
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return  # under DDP every rank holds the same state: one writer
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.unlink(missing_ok=True)  # left by a killed run of this pid; "x" below follows no link
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except Exception as e:  # a full disk reaches torch.save as a RuntimeError, not an OSError
-        why = getattr(e, "strerror", None) or first_line(e)
-        fail(f"could not write {path}: {why}; any previous {path.name} is untouched")
-    finally:
-        with suppress(OSError):
-            tmp.unlink()  # gone after the rename; left by a failure, or a stop mid-write
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    save_file(path, partial(torch.save, state))
-
-
-def write_json(path: Path, obj) -> None:
-    """Readable JSON; a list (the history) an item a line: fast even at thousands of epochs."""
-    text = json.dumps(obj, indent=2)
-    if isinstance(obj, list):
-        text = "[\n" + ",\n".join(map(json.dumps, obj)) + "\n]"
-    save_file(path, lambda f: f.write((text + "\n").encode()))
-
-
-def rng_states() -> list[dict]:
-    """Every random stream the run draws from, one entry a rank (shuffling needs none: it is a
-    function of seed and epoch). weights_only loads no ndarray: numpy's key travels as a list."""
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    return every_rank({"python": random.getstate(), "numpy": numpy_state,
-                       "torch": torch.get_rng_state(), "cuda": cuda})
-
-
-def seed_streams(key: tuple, torch_too: bool = True) -> None:
-    """Python's, NumPy's and (torch_too) torch's CPU random streams seeded from key, ints."""
-    seed = int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
-    random.seed(seed)
-    np.random.seed(seed)
-    if torch_too:
-        torch.default_generator.manual_seed(seed)  # torch.manual_seed would reseed CUDA's too
-
-
-def restore_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    states["numpy"]["state"]["key"] = np.array(states["numpy"]["state"]["key"], dtype=np.uint32)
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-
-
-@contextmanager
-def distributed(cfg: TrainingConfig):
-    """Under torchrun (RANK and WORLD_SIZE set): join the process group (nccl on CUDA, gloo
-    otherwise) and pin this rank to its GPU. Yields (device, rank, world size); outside
-    torchrun, (the chosen device, 0, 1)."""
-    device = get_best_device(cfg.device)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        yield device, 0, 1
-        return
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield device, dist.get_rank(), dist.get_world_size()
-        dist.barrier()  # the ranks leave together, once rank 0 has written everything
-    finally:
-        # Destroyed, its threads joined, while Python is whole. A group alive at interpreter exit
-        # can have a gloo thread free a finished collective's tensors then: it needs the GIL and
-        # aborts the process (SIGABRT, "terminate called without an active exception"), and
-        # torchrun kills the other ranks. DDP keeps its group alive: it gets one of its own.
-        gc.collect()
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def every_rank(obj) -> list:
-    """obj from every rank, in rank order (a collective under DDP); outside torchrun, [obj]."""
-    if not dist.is_initialized():
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def wrap_model(model: nn.Module, cfg: TrainingConfig, device: torch.device, world: int):
-    """The model as evaluated (compiled with --compile) and as trained (in DDP under torchrun):
-    one set of weights; checkpoints save `model` itself, with no prefixes."""
-    if cfg.compile and device.type == "cpu" and not any(map(shutil.which, ("cc", "gcc", "clang"))):
-        fail("--compile on CPU needs a C++ compiler (gcc or clang): install one, or drop it")
-    eval_model = torch.compile(model) if cfg.compile else model
-    return eval_model, data_parallel(eval_model, device, world)
-
-
-def data_parallel(model: nn.Module, device: torch.device, world: int) -> nn.Module:
-    """model in DistributedDataParallel under torchrun. DDP reduces the gradients of the parameters
-    that required them when it was made: fit makes it anew when start_epoch changes which do."""
-    if world == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [device.index] if device.type == "cuda" else None
-    group = dist.new_group()  # of its own: DDP holds its group to the end (see distributed)
-    return DistributedDataParallel(model, device_ids=ids, process_group=group)
-
-
-@contextmanager
-def one_run_per_folder(cfg: TrainingConfig, rank: int = 0):
-    """Hold checkpoint_dir/.lock while the run lasts: a second run on the folder is refused in
-    one line, instead of both overwriting each other's checkpoints."""
-    path = cfg.checkpoint_dir
-    fcntl = None
-    with suppress(ImportError):  # not POSIX: unguarded
-        import fcntl
-    if rank != 0 or fcntl is None:
-        yield
-        return
-    lock = Path(path) / ".lock"
-    check_writable(lock.parent)
-    try:  # O_NOFOLLOW: a .lock linking elsewhere (an unpacked archive): its target is never written
-        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as e:
-        fail(f"cannot open {lock} ({e.strerror}): a symbolic link? delete it, or give this run "
-             "another --checkpoint-dir")
-    with open(descriptor, "r+") as handle:
-        try:  # lockf, not flock: a DataLoader worker (a fork) outliving a kill -9 holds no lockf
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            fail(f"another run (pid {holder}) is using {path}; wait for it to end, or give this "
-                 "one another --checkpoint-dir")
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
-
-
-@contextmanager
-def signals_caught():
-    """SIGINT (Ctrl-C), SIGTERM (schedulers, spot reclaim) and SIGHUP (a closed terminal). In the
-    epoch loop the first asks it to stop after the current step and save it (step_done); anywhere
-    else, or a second time, the run stops at once, in one line. Files are whole either way, being
-    written atomically. A signal ignored when the run began (nohup's SIGHUP) stays ignored."""
-    stop = {"signal": None, "loop": False}
-
-    def caught(signum, frame):
-        name = signal.Signals(signum).name
-        if stop["loop"] and stop["signal"] is None:
-            stop["signal"] = signum
-            log.warning("%s: finishing the current step, then stopping (again: at once)", name)
-            return
-        if os.environ.get("RANK", "0") == "0":
-            print(f"stopped by {name}", file=sys.stderr)
-        raise SystemExit(128 + signum)
-
-    previous = {}
-    with suppress(ValueError):  # not the main thread: signals belong to whoever owns it
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(s) is not signal.SIG_IGN:
-                previous[s] = signal.signal(s, caught)
-    try:
-        yield stop
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def stop_agreed(stop: dict, world: int) -> bool:
-    """Whether to stop now. A signal may reach one rank alone: all stop if one is asked."""
-    if world > 1:
-        stop["signal"] = max(s or 0 for s in every_rank(stop["signal"])) or None
-    return stop["signal"] is not None
-
-
-def exit_resumable(run: Run, stop: dict, argv: list[str]) -> None:
-    """After a stop in the loop, its files saved: plot what finished, say how to resume, and exit
-    128 + the signal."""
-    if run.progress["history"] and run.rank == 0:
-        title = f"run {run.progress['run']}, stopped"
-        plot_history(run.progress["history"], run.cfg, title, run.progress["best_epoch"], [])
-    launcher = ["torchrun", f"--nproc_per_node={run.world}"] if run.world > 1 else ["python"]
-    again = shlex.join([*launcher, "train.py", *[a for a in argv if a != "--resume"], "--resume"])
-    at = stop.get("at") or f"the end of epoch {run.progress['epoch']}"
-    log.warning("stopped by %s: %s holds %s. Resume with: %s", signal.Signals(stop["signal"]).name,
-                path_of(run.cfg, "last.pt"), at, again)
-    barrier()  # under torchrun a rank that exits first gets the others killed: rank 0 has spoken
-    raise SystemExit(128 + stop["signal"])
-
+# ============================================================================= the live view
+# Optional: where epochs show besides the log. Deleted whole, the log alone shows them.
 
 @contextmanager
 def live_view(run: Run):
-    """Where epochs show besides the log: a tqdm bar when stderr is a terminal, and TensorBoard
-    scalars under runs/ with --tensorboard (never a hard dependency)."""
-    view = {"bar": None, "writer": None}
+    """Yields show(entry), called after every epoch with its history entry: a tqdm bar when stderr
+    is a terminal (users expect progress on long runs), and TensorBoard scalars under runs/ with
+    --tensorboard (never a hard dependency)."""
+    bar = writer = None
     left = run.rank == 0 and run.progress["epoch"] < run.cfg.epochs
     with ExitStack() as stack:
         if left and sys.stderr.isatty():
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            bar = tqdm(total=run.cfg.epochs, initial=run.progress["epoch"], unit="epoch")
-            view["bar"] = stack.enter_context(bar)
+            bar = stack.enter_context(tqdm(total=run.cfg.epochs, initial=run.progress["epoch"],
+                                           unit="epoch"))
             stack.enter_context(logging_redirect_tqdm())  # log lines print above the bar
         if left and run.cfg.tensorboard:
             try:
@@ -2153,45 +2180,18 @@ def live_view(run: Run):
             else:
                 logdir = Path("runs") / f"{Path(run.cfg.dataset).stem}-{run.progress['run']}"
                 log.info("TensorBoard: tensorboard --logdir runs  (this run: %s)", logdir)
-                view["writer"] = stack.enter_context(SummaryWriter(str(logdir)))
-        yield view
+                writer = stack.enter_context(SummaryWriter(str(logdir)))
 
+        def show(entry: dict) -> None:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(train_loss=f"{entry['train_loss']:.4g}",
+                                val_loss=f"{entry['val_loss']:.4g}")
+            for name, value in entry.items() if writer is not None else ():
+                if name not in ("epoch", "seconds"):
+                    writer.add_scalar(name.replace("_", "/", 1), value, entry["epoch"])
 
-def show_epoch(run: Run, view: dict) -> None:
-    """The epoch's log line (every log_every epochs), bar and TensorBoard scalars."""
-    last, cfg = run.progress["history"][-1], run.cfg
-    if last["epoch"] in (1, cfg.epochs) or last["epoch"] % cfg.log_every == 0:
-        scores = "  ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("val_"))
-        rates = "/".join(f"{v:.2e}" for k, v in last.items() if re.fullmatch(r"lr(_\d+)?", k))
-        log.info("epoch %3d/%d  train_loss %.4f  %s  lr %s  %.2fs", last["epoch"], cfg.epochs,
-                 last["train_loss"], scores, rates, last["seconds"])
-    if view["bar"] is not None:
-        view["bar"].update(1)
-        view["bar"].set_postfix(train_loss=f"{last['train_loss']:.4g}",
-                                val_loss=f"{last['val_loss']:.4g}")
-    for name, value in last.items() if view["writer"] is not None else ():
-        if name not in ("epoch", "seconds"):
-            view["writer"].add_scalar(name.replace("_", "/", 1), value, last["epoch"])
-
-
-def predict_from_cli(cfg: TrainingConfig) -> list[str]:
-    """Print best_model.pt's prediction for each input predict_inputs reads from cfg.predict.
-    Trains nothing, writes nothing."""
-    path = path_of(cfg, "best_model.pt")
-    checkpoint = load_checkpoint(path)
-    saved = config_of(checkpoint)
-    try:
-        inputs, labels = predict_inputs(cfg.predict, checkpoint["meta"], saved)
-    except ValueError as e:
-        fail(f"--predict {e}")
-    outputs = predict(model_from_checkpoint(checkpoint, path), inputs)
-    bad = (~torch.isfinite(outputs)).any(dim=-1).nonzero().flatten().tolist()
-    if bad:
-        fail(f"--predict row {bad[0] + 1}: the model's output is not finite (a huge value?)")
-    texts = build_objective(checkpoint["meta"], saved).describe(outputs)
-    lines = [f"{label} -> {text}" for label, text in zip(labels, texts)]
-    print("\n".join(lines))
-    return lines
+        yield show
 
 
 if __name__ == "__main__":

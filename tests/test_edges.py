@@ -82,7 +82,7 @@ def test_row7_a_resume_after_the_optimizer_or_scheduler_changed_is_refused_befor
         monkeypatch.setattr(train, "build_optimizer", sgd)
     else:
         monkeypatch.setattr(train, "build_optimizer", lambda *a: (real(*a)[0], None, "step"))
-    with pytest.raises(SystemExit, match=f"saved with another {swap} .* build_optimizer makes now"):
+    with pytest.raises(SystemExit, match="saved with AdamW and LambdaLR .* build_optimizer makes (SGD|AdamW and none)"):
         train.main(flags(tmp_path, source, "--resume", epochs=2))
     assert last.read_bytes() == before
 
@@ -195,5 +195,5 @@ def test_row15_a_plateau_schedule_on_the_selection_metric_reads_it_the_runs_way(
 
 def test_rows3_to_5_eval_only_is_gone():
     result = cli("--eval-only")  # a finished run tested its best checkpoint once: --predict scores others
-    assert result.returncode == 2 and "unrecognized arguments: --eval-only" in result.stderr
+    assert result.returncode == 1 and "unrecognized arguments: --eval-only" in result.stderr
     assert "eval_only" not in train.TrainingConfig.__dataclass_fields__

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import train
-from util import blobs_csv, flags
+from util import after_each_epoch, blobs_csv, flags
 
 
 def table(path, x: np.ndarray, y, names=None):
@@ -41,16 +41,15 @@ def test_a_small_noisy_table_a_large_model_and_no_regularization_reads_overfitti
     truth = torch.tensor(x[200:], dtype=torch.float32), torch.tensor(y[200:])  # a large held-out set
     monkeypatch.setattr(train, "build_model", lambda in_shape, out_features, meta, cfg: nn.Sequential(
         nn.Linear(in_shape[0], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, out_features)))
-    losses, real_record = [], train.record_epoch
+    losses = []
 
-    def record_epoch(run, epoch, *args):  # the loss on 2,200 new rows, each epoch: the truth
+    def truth_loss(run, epoch):  # the loss on 2,200 new rows, each epoch: the truth
         meta = run.data["meta"]
         with torch.no_grad():
             out = run.model.eval()(((truth[0] - meta["mean"]) / meta["std"]).float())
         losses.append(run.objective.row_losses(out, truth[1]).mean().item())
-        return real_record(run, epoch, *args)
 
-    monkeypatch.setattr(train, "record_epoch", record_epoch)
+    after_each_epoch(monkeypatch, truth_loss)
     summary = train.main(flags(tmp_path, source, "--weight-decay", "0", "--label-smoothing", "0", "--scheduler",
                                "none", "--learning-rate", "0.003", "--grad-clip", "0", label="y", epochs=60))
     assert verdict(summary) == "overfitting", summary["diagnosis"]

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, random_split
 
 import train
 from test_resume import assert_same_run, signal_during_epoch
-from util import REPO, blobs_csv, dirs, flags, torchrun
+from util import REPO, after_each_epoch, blobs_csv, dirs, flags, torchrun
 
 
 def seam_flags(root, *extra: str, epochs: int = 4) -> list[str]:
@@ -257,13 +257,7 @@ def fine_tuning(monkeypatch):
     monkeypatch.setattr(train, "build_optimizer", two_groups)
     monkeypatch.setattr(train, "start_epoch", freeze_then_halve)
     weights = []
-    real = train.record_epoch
-
-    def record_epoch(run, epoch, *args):
-        weights.append(run.model.net[1].weight.detach().clone())
-        real(run, epoch, *args)
-
-    monkeypatch.setattr(train, "record_epoch", record_epoch)
+    after_each_epoch(monkeypatch, lambda run, epoch: weights.append(run.model.net[1].weight.detach().clone()))
     return weights
 
 
@@ -322,14 +316,19 @@ import train
 def start_epoch(epoch, model, optimizer, scheduler, cfg):
     model.net[1].requires_grad_(epoch > 2)
 
-real = train.record_epoch
+runs, real_set_up, real_log = [], train.set_up, train.log_epoch
 
-def record_epoch(run, epoch, *args):
-    path = os.path.join({record!r}, f"rank{{run.rank}}-epoch{{epoch}}.pt")
+def set_up(*args, **kwargs):
+    runs.append(real_set_up(*args, **kwargs))
+    return runs[-1]
+
+def log_epoch(entry, cfg):
+    run = runs[-1]
+    path = os.path.join({record!r}, f"rank{{run.rank}}-epoch{{entry['epoch']}}.pt")
     torch.save({{k: v.clone() for k, v in run.model.state_dict().items()}}, path)
-    real(run, epoch, *args)
+    real_log(entry, cfg)
 
-train.start_epoch, train.record_epoch = start_epoch, record_epoch
+train.start_epoch, train.set_up, train.log_epoch = start_epoch, set_up, log_epoch
 train.main(sys.argv[1:])
 """
 

@@ -119,3 +119,13 @@ def cli(*args: str, cwd: Path | None = None, timeout: int = 300, **env) -> subpr
     """`python train.py ARGS` as a user types it."""
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **env})
+
+
+def after_each_epoch(patch, fn):
+    """fn(run, epoch) after each epoch's validation and save, on every rank."""
+    import train
+
+    runs, set_up, log_epoch = [], train.set_up, train.log_epoch
+    patch.setattr(train, "set_up", lambda *a, **k: runs.append(set_up(*a, **k)) or runs[-1])
+    patch.setattr(train, "log_epoch", lambda entry, cfg: (fn(runs[-1], entry["epoch"]), log_epoch(entry, cfg)))
+
