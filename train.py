@@ -2059,8 +2059,8 @@ def unstable_training(history: list[dict], base_loss, cfg: TrainingConfig, lower
 
 
 def run_note(diagnosis: dict, history: list[dict], result: dict, cfg: TrainingConfig, title: str):
-    """The run in words: the best and the last epoch and why they differ, what the curves imply and
-    the numbers the verdict rests on, whether the run was stable, and what to change."""
+    """diagnose's verdict, findings and evidence in words: the best and the last epoch and why
+    they differ, the curves, the numbers the verdict rests on, stability, and what to change."""
     verdict, findings, evidence = diagnosis["verdict"], diagnosis["findings"], diagnosis["evidence"]
     if verdict is None:
         return f"# Run note: {title}\n\nNo training history of this run to read.\n"
@@ -2077,35 +2077,21 @@ def run_note(diagnosis: dict, history: list[dict], result: dict, cfg: TrainingCo
                   f"training ended, for --resume): the best is chosen by {cfg.best_metric} alone "
                   f"({direction} is better), and no later epoch beat its "
                   f"{best[cfg.best_metric]:.4g}")
-    (rise, se), material = evidence["rise"], evidence["material"]
-    change = f"{rise:+.3g} ± {z * se:.2g}"
-    if best is end:
-        moved = "the best epoch is the last"
-    elif rise < -z * se:
-        moved = f"validation loss is lower at the end ({change}): {cfg.best_metric} chose another"
-    elif rise <= z * se:
-        moved = f"validation loss at the end is within noise of the best ({change})"
-    elif rise <= material:
-        moved = (f"validation loss rose by a real but small {change}, under the {material:.3g} "
-                 "that would give back a tenth of what the model learnt")
-    else:
-        moved = f"validation loss rose {change} from the best to the end"
+    rise, se = evidence["rise"]
+    moved = f"from the best epoch to the end, validation loss moved {rise:+.3g} ± {z * se:.2g}" \
+        f" (a change under {evidence['material']:.3g} is not worth acting on)"
     if "gain" in evidence:
-        gain = evidence["gain"]
-        moved += f"; the best beats the base rates by {gain[0]:.3g} ± {z * gain[1]:.2g}"
-    norms = [h for h in history if "grad_norm" in h]  # recorded while clipping is on
+        moved += f"; the best beats the base rates by {evidence['gain'][0]:.3g} ± " \
+            f"{z * evidence['gain'][1]:.2g}"
     unstable = [f["evidence"] for f in findings if f["pattern"] == "unstable"]
     stability = "not stable: " + "; ".join(unstable) if unstable else "stable"
+    norms = [h for h in history if "grad_norm" in h]  # recorded while clipping is on
     if norms:
-        mean = np.mean([h["grad_norm"] for h in norms])
-        peak = max(h["grad_norm_max"] for h in norms)
-        clipped = np.mean([h["clipped"] for h in norms])
-        stability += (f". Gradient norm before clipping: mean {mean:.3g}, largest {peak:.3g}; "
-                      f"{clipped:.1%} of steps clipped at --grad-clip {cfg.grad_clip:g}")
-    first = "none; nothing to change"
-    if findings:
-        f = findings[0]
-        first = f"{f['pattern'].replace('_', ' ')} from epoch {f['epoch']}: {f['evidence']}"
+        stability += (f". Gradient norm before clipping: mean "
+                      f"{np.mean([h['grad_norm'] for h in norms]):.3g}, largest "
+                      f"{max(h['grad_norm_max'] for h in norms):.3g}; "
+                      f"{np.mean([h['clipped'] for h in norms]):.1%} of steps clipped at "
+                      f"--grad-clip {cfg.grad_clip:g}")
     tail = "" if best is end else f" -> {end['val_loss']:.4g} (epoch {end['epoch']})"
     lines = [f"# Run note: {title}", "",
              f"**Verdict: {verdict.replace('_', ' ')}.** Best epoch {best_epoch} of "
@@ -2114,8 +2100,9 @@ def run_note(diagnosis: dict, history: list[dict], result: dict, cfg: TrainingCo
              f"validation loss {start['val_loss']:.4g} -> {best['val_loss']:.4g} "
              f"(epoch {best_epoch}){tail}.",
              f"- The evidence, over {evidence['rows']} validation rows paired row by row (± two "
-             f"standard errors): {moved}.", f"- Stability: {stability}.",
-             f"- First finding: {first}."]
+             f"standard errors): {moved}.", f"- Stability: {stability}."]
+    lines += [f"- {f['pattern'].replace('_', ' ')} from epoch {f['epoch']}: {f['evidence']}."
+              for f in findings]
     if findings:
         lines += ["", "## What to change"]
         lines += [f"- {f['pattern'].replace('_', ' ')}: {f['suggestion']}." for f in findings]
