@@ -13,7 +13,6 @@ streams, torchrun, signals). Optional blocks follow, each deletable whole once y
 """
 
 import argparse
-import csv
 import gc
 import hashlib
 import io
@@ -26,17 +25,14 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import sys
-import tempfile
 import time
 import typing
-from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -842,6 +838,8 @@ def fit(run: Run, stop: dict, argv: list[str]) -> torch.Tensor | None:
         return stopping
 
     live = extra("live_view")  # the progress bar and TensorBoard: deleted, the log alone
+    if live is None and cfg.tensorboard:
+        log.warning("--tensorboard needs the live view block, deleted from this train.py")
     stop["loop"] = True  # a signal now stops after the current step, and saves it
     with live(run) if live else nullcontext(lambda entry: None) as show:
         for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
@@ -889,8 +887,8 @@ def fit(run: Run, stop: dict, argv: list[str]) -> torch.Tensor | None:
                 run.scheduler.step()
             # select: never the last epoch as such; never NaN (0/0 on this split), unbeatable
             value, best = entry[cfg.best_metric], progress["best"]
-            if not math.isnan(value) and (best is None or (value < best if run.lower
-                                                           else value > best)):
+            better = best is None or (value < best if run.lower else value > best)
+            if better and not math.isnan(value):
                 progress.update(best=value, best_epoch=epoch, stale=0)
                 state = {**model_state(run, epoch), cfg.best_metric: value}
                 save_checkpoint(path_of(cfg, "best_model.pt"), state)
@@ -1396,6 +1394,11 @@ def regression_objective(meta: dict) -> Objective:
 # --predict's raw rows. Read it to know what becomes of each column; delete it whole once
 # build_data and predict_inputs are yours.
 
+import csv  # a block's own imports live with it, so that it goes whole
+import socket
+import tempfile
+from urllib.parse import urlsplit
+
 BUNDLED = {"scikit-learn/iris": Path(__file__).resolve().parent / "datasets" / "Iris.csv"}
 LOADERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 BLANKS = {"", "?", "na", "n/a", "nan", "null", "none", "-"}  # feature cells that mean "no value"
@@ -1651,10 +1654,8 @@ def read_column(values: np.ndarray, name: str, as_category: bool, rows: np.ndarr
         return {"kind": "left out", "why": "not a column of single values"}
     if values.dtype.kind in "iufb" and not as_category:
         numbers = values.astype(np.float64)
-    else:  # text, or codes: each distinct cell is read once
-        cells = np.array([category(v) for v in values], dtype=object)
-        names, codes = np.unique(cells, return_inverse=True)
-        parsed = [math.nan if n == NA else parse_number(n) for n in names]
+    else:  # text, or codes
+        names, parsed, codes = cells_read(values)
         text = np.isin(codes, [i for i, v in enumerate(parsed) if v is None])
         if not as_category and text.any() and text.sum() <= (names[codes] != NA).sum() / 2:
             i = int(np.argmax(text))  # mostly numbers, a few words: a typo, not categories
@@ -1670,6 +1671,14 @@ def read_column(values: np.ndarray, name: str, as_category: bool, rows: np.ndarr
         fail(f"column {name!r} has a blank cell in row {row}, and --missing is error")
     # A constant column stays an input (0 once standardized): a model built for 64 pixels gets 64.
     return {"kind": "numeric", "values": torch.from_numpy(numbers)}
+
+
+def cells_read(cells) -> tuple[np.ndarray, list, np.ndarray]:
+    """The one cell reader of training and --predict: each distinct cell read once, as its category
+    (category()), that category's number (NaN if blank, None if text), and each cell's code."""
+    names, codes = np.unique(np.array([category(v) for v in cells], dtype=object),
+                             return_inverse=True)
+    return names, [math.nan if n == NA else parse_number(n) for n in names], codes
 
 
 def is_id_like(name: str) -> bool:
@@ -1863,31 +1872,29 @@ def table_predict_inputs(text: str, meta: dict) -> tuple[torch.Tensor, list[str]
 
 def rows_to_inputs(rows, meta: dict) -> tuple[torch.Tensor, dict]:
     """Raw rows (lists in meta["features"] order, or dicts by column name; cells as the table had
-    them) to model inputs, made as the run made its own; and per categorical column, how many rows
-    hold a category training never saw. ValueError, naming the row, for a missing column or a cell
-    that is not a number where one belongs."""
+    them) to model inputs, each cell read as training read it; and per categorical column, how
+    many rows hold a category training never saw. ValueError, naming the row, for a missing
+    column or a cell that is not a number where one belongs."""
     names, spec, table = meta["features"], meta["preprocess"], []
     for i, row in enumerate(rows, 1):
         absent = [n for n in names if n not in row] if isinstance(row, dict) else []
         if absent:
             raise ValueError(f"row {i} has no {absent[0]!r}; the model reads {', '.join(names)}")
-        row = [row[n] for n in names] if isinstance(row, dict) else list(row)
-        if len(row) != len(names):
-            raise ValueError(f"row {i} has {len(row)} values; expected {len(names)}: "
+        table.append([row[n] for n in names] if isinstance(row, dict) else list(row))
+        if len(table[-1]) != len(names):
+            raise ValueError(f"row {i} has {len(table[-1])} values; expected {len(names)}: "
                              + ", ".join(names))
-        for name, cell in zip(names, row):
-            number = parse_number(cell)
-            if spec[name]["kind"] == "numeric" and (number is None or math.isinf(number)):
-                raise ValueError(f"row {i}: column {name!r} needs a finite number (or an empty "
-                                 f"cell), not {cell!r}")
-        table.append(row)
     features, unseen = {}, {}
     for name, cells in zip(names, zip(*table)):
+        found, numbers, codes = cells_read(cells)
         if spec[name]["kind"] == "numeric":
-            features[name] = {"values": torch.tensor([parse_number(v) for v in cells]).double()}
+            bad = np.isin(codes, [k for k, v in enumerate(numbers) if v is None or math.isinf(v)])
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise ValueError(f"row {i + 1}: column {name!r} needs a finite number (or an empty "
+                                 f"cell), not {cells[i]!r}")
+            features[name] = {"values": torch.tensor(numbers, dtype=torch.float64)[codes]}
             continue
-        found, codes = np.unique(np.array([category(v) for v in cells], dtype=object),
-                                 return_inverse=True)
         features[name] = {"codes": torch.from_numpy(codes), "names": found.tolist()}
         known = spec[name]["categories"] + spec[name]["rest"]
         unseen[name] = int(np.isin(found[codes], known, invert=True).sum())
@@ -2143,6 +2150,8 @@ def plot_history(history: list[dict], cfg: TrainingConfig, title: str, best: int
 
 # ============================================================================= the live view
 # Optional: where epochs show besides the log. Deleted whole, the log alone shows them.
+
+from contextlib import ExitStack  # a block's own imports live with it, so that it goes whole
 
 @contextmanager
 def live_view(run: Run):

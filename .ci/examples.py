@@ -6,7 +6,9 @@ line names (adding the new fields), write the example's data, then run `python t
 `python -m pytest -q test.py`. Both must pass, and the suite must have run the swapped seam. Then
 a run stopped by SIGTERM inside epoch 2 (with --num-workers 2) and resumed must end with the same
 weights and history as the run never stopped; and a "# predict: TEXT" line must print a
-prediction for each of TEXT's inputs.
+prediction for each of TEXT's inputs. A "# delete blocks: A, B" line deletes those optional blocks
+of train.py whole first (the table pipeline, the run note, ...), as README's "make it yours" says
+a user may: the copy must still train, pass test.py, stop and resume.
 
     python .ci/examples.py [NAME ...]
 """
@@ -108,6 +110,17 @@ def set_defaults(source: str, settings: str) -> str:
     return source
 
 
+def delete_blocks(source: str, names: str) -> str:
+    """train.py without the optional blocks named: each from its "# ===... NAME" line to the next
+    block's, or to the `if __name__` line."""
+    for name in (n.strip() for n in names.split(",")):
+        block = re.search(rf"^# =+ {re.escape(name)}\n.*?(?=^# =+ |^if __name__)", source, re.M | re.S)
+        if not block:
+            raise SystemExit(f"train.py has no optional block named {name!r}")
+        source = source[:block.start()] + source[block.end():]
+    return source
+
+
 def apply(source: str, code: str) -> str:
     """train.py with each function and class of `code` in place of its namesake, or before build_data."""
     lines = code.splitlines()
@@ -153,13 +166,15 @@ def same_end(folder: Path, name: str) -> None:
 def run(name: str, code: str) -> None:
     settings = re.search(r"^# TrainingConfig defaults: (.*)$", code, re.M)
     to_predict = re.search(r"^# predict: (.*)$", code, re.M)
+    deleted = re.search(r"^# delete blocks: (.*)$", code, re.M)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        source = apply((REPO / "train.py").read_text(), code)
+        source = (REPO / "train.py").read_text()
+        source = apply(delete_blocks(source, deleted[1]) if deleted else source, code)
         (folder / "train.py").write_text(set_defaults(source, settings[1]) if settings else source)
         (folder / "test.py").write_text((REPO / "test.py").read_text())
         write_tables(folder)
-        print(f"example {name}: {folder}", flush=True)
+        print(f"example {name}: {folder}" + (f" (deleted: {deleted[1]})" if deleted else ""), flush=True)
         if "def backbone(" in code:
             command(folder, name, "-c", PRETRAIN)
         command(folder, name, "train.py")
