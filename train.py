@@ -1833,9 +1833,6 @@ def table_predict_inputs(text: str, meta: dict) -> tuple[torch.Tensor, list[str]
     """predict_inputs' default: raw rows, "5.1,3.5;6.7,3.0" (cells in the order of the features),
     or a CSV file, whose header, when it names the features (in any order, others ignored), maps
     the cells by name; each row's cells label it in the printout."""
-    if "preprocess" not in meta:
-        fail("--predict reads raw table rows, and best_model.pt was trained on data of your own: "
-             "make predict_inputs read yours (or load it with model_from_checkpoint)")
     names, rows, is_file = meta["features"], [], False
     with suppress(OSError):  # a name too long for a file: rows, then
         is_file = Path(text).is_file()
@@ -2085,8 +2082,10 @@ def run_note(diagnosis: dict, history: list[dict], result: dict, cfg: TrainingCo
                   f"({direction} is better), and no later epoch beat its "
                   f"{best[cfg.best_metric]:.4g}")
     rise, se = evidence["rise"]
-    moved = f"from the best epoch to the end, validation loss moved {rise:+.3g} ± {z * se:.2g}" \
-        f" (a change under {evidence['material']:.3g} is not worth acting on)"
+    kind = "lower at the end" if rise < -z * se else "within noise" if rise <= z * se else \
+        "real, but under a tenth of what was learnt" if rise <= evidence["material"] else "real"
+    moved = f"from the best epoch to the end, validation loss moved {rise:+.3g} ± {z * se:.2g} " \
+        f"({kind})"
     if "gain" in evidence:
         moved += f"; the best beats the base rates by {evidence['gain'][0]:.3g} ± " \
             f"{z * evidence['gain'][1]:.2g}"
