@@ -531,7 +531,7 @@ def evaluate(model, batches, objective: Objective, amp_dtype=None) -> tuple:
 
 # ============================================================================= checkpoints, resume
 
-CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSION = 4  # 4: last.pt holds made_by (issue 27)
 
 
 @dataclass
@@ -1251,9 +1251,10 @@ def one_run_per_folder(cfg: TrainingConfig, rank: int = 0):
 @contextmanager
 def signals_caught():
     """SIGINT (Ctrl-C), SIGTERM (schedulers, spot reclaim) and SIGHUP (a closed terminal). In the
-    epoch loop the first asks it to stop after the current step and save it (step_done); anywhere
-    else, or a second time, the run stops at once, in one line. Files are whole either way, being
-    written atomically. A signal ignored when the run began (nohup's SIGHUP) stays ignored."""
+    epoch loop the first asks it to stop after the current step and save it (fit's after_step);
+    anywhere else, or a second time, the run stops at once, in one line. Files are whole either
+    way, being written atomically. A signal ignored when the run began (nohup's SIGHUP) stays
+    ignored."""
     stop = {"signal": None, "loop": False}
 
     def caught(signum, frame):
