@@ -317,7 +317,7 @@ def part_save_cost(runs: int, rows: int = 1_200_000, features: int = 16, epochs:
         # One save, timed on its own: train.py's set_up and save_last on the same table and settings.
         run = train.set_up(train.parse_config([*base[2:], "--checkpoint-dir", str(tmp / "timed"),
                                                "--output-dir", str(tmp / "timed")]), torch.device("cpu"))
-        steps = -(-run.batches // run.cfg.grad_accum_steps)  # optimizer steps an epoch
+        steps = run.steps
         position = {"epoch": 1, "steps": every, "rows": every * run.cfg.batch_size, "loss_sum": [torch.tensor(1.0)],
                     "norms": torch.zeros(every)}
         save_seconds = []

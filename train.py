@@ -299,8 +299,9 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig, steps_per_epoch: int)
 
 
 def check_metric_mode(scheduler, when: str, cfg: TrainingConfig, lower: bool) -> None:
-    """A scheduler stepped on the selection metric reads it the run's way: ReduceLROnPlateau's
-    default, mode="min", would halve the rate while an accuracy rises."""
+    """A scheduler steps at a time the loop knows, and one stepped on the selection metric reads
+    it the run's way: ReduceLROnPlateau's default, mode="min", would halve the rate while an
+    accuracy rises."""
     mode, wanted = getattr(scheduler, "mode", None), "min" if lower else "max"
     if when not in ("step", "epoch", "metric"):
         fail(f"build_optimizer's scheduler steps at {when!r}: use step, epoch or metric")
@@ -553,9 +554,14 @@ class Run:
     scheduler: object  # a torch scheduler, or None
     when: str  # when it steps: "step", "epoch" or "metric"
     scaler: torch.amp.GradScaler
-    batches: int  # batches an epoch, on each rank; optimizer steps: batches / grad_accum_steps
+    batches: int  # batches an epoch, on each rank
     progress: dict  # epoch, best, best_epoch, stale, history, run id: what last.pt restores
     tally: dict | None = None  # after a mid-epoch stop: where the next epoch goes on
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps an epoch, on each rank."""
+        return math.ceil(self.batches / self.cfg.grad_accum_steps)
 
 
 def path_of(cfg: TrainingConfig, name: str) -> Path:
@@ -711,8 +717,7 @@ def restore(run: Run, last: dict) -> None:
     position = last["position"]
     if position is not None:
         run.tally = {**position, "loss_sum": position["loss_sum"][run.rank]}
-    steps = math.ceil(run.batches / run.cfg.grad_accum_steps)
-    at = f"epoch {position['epoch']}, step {position['steps']} of {steps}" if position else \
+    at = f"epoch {position['epoch']}, step {position['steps']} of {run.steps}" if position else \
         f"the end of epoch {run.progress['epoch']}"
     log.info("resumed from %s at %s", path, at)
 
@@ -819,7 +824,7 @@ def fit(run: Run, stop: dict, argv: list[str]) -> torch.Tensor | None:
     stopping, or on a signal: then last.pt holds that very step, and the exit status is 128 + the
     signal. Returns the last epoch's per-row validation losses (None if no epoch ran)."""
     cfg, progress, accum = run.cfg, run.progress, run.cfg.grad_accum_steps
-    steps, every = math.ceil(run.batches / accum), cfg.save_every_steps
+    every = cfg.save_every_steps
     last_rows, saved_at = None, 0.0
     trainable = [parameter.requires_grad for parameter in run.model.parameters()]
     keep_reference = extra("reference_epoch")  # the run note compares the end with that epoch
@@ -829,7 +834,7 @@ def fit(run: Run, stop: dict, argv: list[str]) -> torch.Tensor | None:
         check = run.world == 1 or tally["steps"] % STOP_CHECK_STEPS == 0
         stopping = check and stop_agreed(stop, run.world)
         if stopping:
-            stop["at"] = f"epoch {epoch}, step {tally['steps']} of {steps}"
+            stop["at"] = f"epoch {epoch}, step {tally['steps']} of {run.steps}"
         if stopping or (every and tally["steps"] % every == 0):
             # each rank's own loss sum: gathered, they keep the epoch's final sum exact
             save_last(run, {"epoch": epoch, "steps": tally["steps"], "rows": tally["rows"],
@@ -986,7 +991,7 @@ def report(run: Run, last_rows: torch.Tensor | None) -> dict:
     write_json(path_of(cfg, "test_report.json"), result)
     names = ("best_model.pt", "last.pt", "history.json", "loss_curve.png", "test_report.json",
              "run_note.md")
-    written = [path_of(cfg, name) for name in names if path_of(cfg, name).exists()]
+    written = [path for path in (path_of(cfg, name) for name in names) if path.exists()]
     log.info("wrote %s", ", ".join(map(str, written)))
     return {"best_epoch": progress["best_epoch"], "best": progress["best"], "report": result,
             "diagnosis": result["diagnosis"], "history": progress["history"], "files": written}
